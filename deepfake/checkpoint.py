@@ -1,0 +1,278 @@
+"""Model folders: `model.safetensors` + `config.json` (timm's Hugging Face Hub layout, with our metadata
+under the "deepfake" key) + `README.md`, the model card generated from that metadata.
+
+A folder is everything needed to rebuild and use the model: architecture, classes, image size,
+normalisation, stem stride, the training config, metrics, data summary and library versions. Loading
+reads JSON and safetensors only: nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import sys
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from deepfake.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+CARD = "README.md"
+
+
+class CheckpointError(ValueError):
+    """A model folder that is missing, corrupt or does not match its metadata."""
+
+
+def library_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in ("deepfake", "torch", "torchvision", "timm", "ray", "grad-cam", "safetensors"):
+        try:
+            out[name] = importlib_metadata.version(name)
+        except importlib_metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare model under DDP or torch.compile wrappers."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+def state_dict_cpu(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu").contiguous() for k, v in unwrap(model).state_dict().items()}
+
+
+def build_metadata(
+    model_cfg: ModelConfig,
+    image_size: int,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    interpolation: str,
+    classes: tuple[str, ...],
+    **extra: Any,
+) -> dict[str, Any]:
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "arch": model_cfg.arch,
+        "classes": list(classes),
+        "image_size": int(image_size),
+        "mean": [float(x) for x in mean],
+        "std": [float(x) for x in std],
+        "interpolation": interpolation,
+        "stem_stride": model_cfg.stem_stride,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "versions": library_versions(),
+    }
+    meta.update(extra)
+    return meta
+
+
+def save_model(model: nn.Module, out_dir: str | Path, meta: dict[str, Any]) -> Path:
+    """Write the model folder (weights, config.json, README.md card); returns its path."""
+    import timm
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    bare = unwrap(model).to("cpu").to(memory_format=torch.contiguous_format)
+    timm.models.save_for_hf(
+        bare,
+        str(out),
+        model_config={"label_names": list(meta["classes"]), "deepfake": meta},
+        data_config={
+            "input_size": (3, meta["image_size"], meta["image_size"]),
+            "mean": tuple(meta["mean"]),
+            "std": tuple(meta["std"]),
+            "interpolation": meta["interpolation"],
+        },
+        safe_serialization=True,
+    )
+    (out / CARD).write_text(render_card(meta))
+    log.info("saved model to %s", out)
+    return out
+
+
+def read_metadata(model_dir: str | Path) -> dict[str, Any]:
+    d = Path(model_dir)
+    cfg_path = d / CONFIG
+    if not d.is_dir():
+        raise CheckpointError(f"model folder not found: {d}")
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{d}: no {CONFIG}; not a deepfake model folder")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_path}: corrupt JSON ({e})") from None
+    meta = cfg.get("deepfake") if isinstance(cfg, dict) else None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{cfg_path}: no 'deepfake' metadata; was this folder written by deepfake?")
+    for key in ("arch", "classes", "image_size", "mean", "std"):
+        if key not in meta:
+            raise CheckpointError(f"{cfg_path}: metadata lacks {key!r}")
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"{cfg_path}: format {meta['format_version']} is newer than this deepfake reads")
+    return meta
+
+
+def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model from its folder; a corrupt or mismatched file is a CheckpointError, not a crash."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from deepfake.model import ModelError, create_model
+
+    d = Path(model_dir)
+    meta = read_metadata(d)
+    weights = d / WEIGHTS
+    if not weights.is_file():
+        raise CheckpointError(f"{d}: {WEIGHTS} is missing")
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{weights}: corrupt safetensors file ({e})") from None
+    model_cfg = ModelConfig(arch=meta["arch"], pretrained="none", finetune="all", stem_stride=meta.get("stem_stride"))
+    try:
+        model = create_model(model_cfg, num_classes=len(meta["classes"]))
+        model.load_state_dict(state, strict=True)
+    except (RuntimeError, ModelError) as e:
+        raise CheckpointError(f"{weights}: weights do not match {meta['arch']}: {str(e)[:300]}") from None
+    model.eval()
+    return model.to(device), meta
+
+
+def _pct(x: Any) -> str:
+    return f"{100 * x:.2f}%" if isinstance(x, (int, float)) else "n/a"
+
+
+def render_card(meta: dict[str, Any]) -> str:
+    """The markdown model card; everything in it comes from the metadata, so the two cannot disagree."""
+    m = meta.get("metrics", {})
+    train_cfg = meta.get("config", {}).get("train", {})
+    data = meta.get("data", {})
+    lines = [
+        f"# deepfake detector: {meta['arch']}",
+        "",
+        f"Classifies an image as one of {', '.join(meta['classes'])} (AI-generated vs real photograph).",
+        "",
+        "## Model",
+        f"- architecture: timm `{meta['arch']}`"
+        + (f", stem stride {meta['stem_stride']}" if meta.get("stem_stride") else ""),
+        f"- input: {meta['image_size']}x{meta['image_size']} RGB, {meta.get('interpolation', 'bicubic')} resize,"
+        f" mean {meta['mean']}, std {meta['std']}",
+        f"- classes (output order): {meta['classes']}",
+        f"- weights: `{WEIGHTS}` (safetensors); metadata: `{CONFIG}`",
+        "",
+        "## Training",
+    ]
+    if train_cfg:
+        lines.append(
+            f"- optimizer {train_cfg.get('optimizer')} lr {train_cfg.get('lr')} weight decay "
+            f"{train_cfg.get('weight_decay')}, batch {train_cfg.get('batch_size')}, scheduler "
+            f"{train_cfg.get('scheduler')}, up to {train_cfg.get('epochs')} epochs, early-stopping patience "
+            f"{train_cfg.get('patience')}, {train_cfg.get('workers')} Ray Train worker(s)"
+        )
+    model_cfg = meta.get("config", {}).get("model", {})
+    if model_cfg:
+        lines.append(f"- initial weights: {model_cfg.get('pretrained')}; fine-tuned: {model_cfg.get('finetune')}")
+    if "epochs_run" in meta:
+        lines.append(f"- epochs run: {meta['epochs_run']} (best epoch {meta.get('best_epoch')})")
+    if "train_seconds" in meta:
+        lines.append(f"- training wall time: {meta['train_seconds'] / 60:.1f} min on {meta.get('hardware', 'n/a')}")
+    lines += ["", "## Data"]
+    if data:
+        lines.append(f"- source: `{data.get('source')}` ({data.get('layout')}), {data.get('images')} usable images")
+        for split, counts in data.get("splits", {}).items():
+            lines.append(f"- {split}: {counts}")
+        lines.append(
+            f"- skipped files: {data.get('skipped', 0)} {data.get('skipped_by_reason', {})}; "
+            f"byte-identical duplicate groups: {data.get('duplicate_groups', 0)} (kept within one split)"
+        )
+    if meta.get("credits"):
+        lines.append(f"- credits: {meta['credits']}")
+    lines += ["", "## Validation metrics"]
+    if m:
+        lines.append("| metric | value |")
+        lines.append("| --- | --- |")
+        for key in sorted(m):
+            val = m[key]
+            shown = _pct(val) if ("acc" in key and isinstance(val, float)) else val
+            lines.append(f"| {key} | {shown} |")
+    else:
+        lines.append("none recorded")
+    if meta.get("robustness"):
+        lines += ["", "## Robustness", "| condition | accuracy |", "| --- | --- |"]
+        for cond, acc in meta["robustness"].items():
+            lines.append(f"| {cond} | {_pct(acc)} |")
+    lines += [
+        "",
+        "## Limitations",
+        meta.get(
+            "limitations",
+            "Measured only on the validation part of the data named above. Not evidence about images from "
+            "other sources, sizes or generators.",
+        ),
+        "",
+        "## Versions",
+        ", ".join(f"{k} {v}" for k, v in meta.get("versions", {}).items()),
+        "",
+        f"_Generated by deepfake on {meta.get('created', 'n/a')} from `{CONFIG}`._",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+@dataclass
+class TrainState:
+    """Optimizer/scheduler/progress beside the weights in a Ray Train checkpoint, so a run resumes exactly."""
+
+    epoch: int
+    best_val_loss: float
+    epochs_since_best: int
+    history: list[dict[str, float]]
+
+
+def save_train_checkpoint(d: Path, model: nn.Module, optimizer, scheduler, state: TrainState, meta: dict) -> None:
+    from safetensors.torch import save_file
+
+    d.mkdir(parents=True, exist_ok=True)
+    save_file(state_dict_cpu(model), str(d / WEIGHTS))
+    torch.save(
+        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None},
+        d / "optim.pt",
+    )
+    (d / "state.json").write_text(json.dumps({**state.__dict__, "meta": meta}, default=str))
+
+
+def load_train_checkpoint(d: Path, model: nn.Module, optimizer=None, scheduler=None) -> tuple[TrainState, dict]:
+    from safetensors.torch import load_file
+
+    unwrap(model).load_state_dict(load_file(str(d / WEIGHTS)), strict=True)
+    if optimizer is not None:
+        # weights_only=True: tensors and plain containers only, no arbitrary objects.
+        opt = torch.load(d / "optim.pt", map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(opt["optimizer"])
+        if scheduler is not None and opt.get("scheduler"):
+            scheduler.load_state_dict(opt["scheduler"])
+    return read_train_state(d), json.loads((d / "state.json").read_text()).get("meta", {})
+
+
+def read_train_state(d: Path) -> TrainState:
+    raw = json.loads((d / "state.json").read_text())
+    raw.pop("meta", None)
+    return TrainState(**raw)
+
+
+def python_info() -> str:
+    return f"{platform.system()} {platform.machine()}, Python {sys.version.split()[0]}"

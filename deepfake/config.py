@@ -1,0 +1,224 @@
+"""One typed settings object for every stage: YAML sets it, the CLI overrides it, each run saves it.
+
+Sections mirror the stages (data, model, train, tune), so a `best_config.yaml` written by the search is
+a complete config that `deepfake train --config` reads unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A settings file or override that cannot be applied; the message names the key."""
+
+
+@dataclass
+class DataConfig:
+    path: str | None = None  # folder (ai/ + real/ or FAKE/ + REAL/), CSV manifest or .tar.gz; None: shipped sample
+    val_ratio: float = 0.1
+    test_ratio: float = 0.1
+    seed: int = 0
+    max_per_class: int | None = None  # cap per class (after de-duplication), for quick runs
+    image_size: int = 224
+    hflip: bool = True  # the seed's augmentation: horizontal flip + rotation
+    rotation: float = 10.0
+    loader_workers: int = 0  # DataLoader processes per training worker; 0 decodes in the training process
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "efficientnet_b0"
+    pretrained: str = "none"  # "none", "hub", or a path to weights (.safetensors, or a deepfake model dir)
+    finetune: str = "all"  # "all", or "last:K": the last K blocks + head (the seed used last:3)
+    stem_stride: int | None = None  # 1 keeps full resolution for tiny (32 px) inputs; None: the arch's own
+    drop_rate: float = 0.2
+    channels_last: bool = True
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 128  # per step, over all workers
+    optimizer: str = "adamw"  # adamw, adam, sgd (momentum), or any timm optimizer name
+    lr: float = 7.6e-4
+    weight_decay: float = 3.8e-4
+    momentum: float = 0.9
+    scheduler: str = "step"  # step (StepLR), cosine, onecycle, none
+    step_size: int = 5
+    gamma: float = 0.1
+    warmup_epochs: int = 0
+    label_smoothing: float = 0.0
+    patience: int = 3  # early stopping on validation loss; 0 disables
+    amp: str = "auto"  # auto (bf16/fp16 on GPU, off on CPU), bf16, fp16, off
+    workers: int = 1
+    use_gpu: str = "auto"  # auto, true, false
+    cpus_per_worker: int | None = None  # None: share this machine's CPUs between the workers
+    seed: int = 0
+    storage_path: str = "runs"  # local dir, shared filesystem or cloud URI (s3://, gs://) for Ray checkpoints
+    name: str | None = None  # run name; None: a fresh timestamped name. Same name + --resume continues a run
+    out: str = "models/latest"  # where the best model and its card are exported
+    max_failures: int = 2  # worker crashes survived by restarting from the last checkpoint
+    num_to_keep: int = 2
+    log_every: int = 20
+    fail_at_epoch: int | None = None  # fault injection for tests: raise once, on the first attempt, at this epoch
+
+
+@dataclass
+class TuneConfig:
+    samples: int = 8
+    epochs: int = 4  # per-trial budget (ASHA max_t)
+    grace_period: int = 1
+    reduction_factor: int = 2
+    searcher: str = "optuna"  # optuna (TPE) or random
+    max_concurrent: int = 2
+    workers_per_trial: int = 1
+    cpus_per_trial_worker: float = 1.0
+    gpus_per_trial_worker: float = 0.0
+    metric: str = "val_acc"
+    mode: str = "max"
+    space: dict[str, Any] = field(
+        default_factory=lambda: {
+            "optimizer": {"choice": ["adamw", "sgd", "adam"]},
+            "lr": {"loguniform": [1e-4, 1e-2]},
+            "batch_size": {"choice": [32, 64, 128]},
+            "weight_decay": {"loguniform": [1e-5, 1e-1]},
+        }
+    )
+    out: str = "tune_out"
+    name: str | None = None
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check a YAML or CLI value against the field's annotation, converting strings from the CLI."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+    if origin is dict or tp is dict:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return value
+
+
+def _section_types(section: Any) -> dict[str, Any]:
+    hints = typing.get_type_hints(type(section))
+    return {f.name: hints[f.name] for f in dataclasses.fields(section)}
+
+
+def set_value(cfg: Config, dotted: str, value: Any) -> None:
+    """Set `section.key` (e.g. `train.lr`) with type checking; unknown keys are an error, not ignored."""
+    parts = dotted.split(".")
+    if len(parts) != 2:
+        raise ConfigError(f"{dotted}: expected section.key, e.g. train.lr")
+    section_name, key = parts
+    section = getattr(cfg, section_name, None)
+    if section is None or not dataclasses.is_dataclass(section):
+        sections = ", ".join(f.name for f in dataclasses.fields(cfg))
+        raise ConfigError(f"unknown section {section_name!r} (known: {sections})")
+    types_ = _section_types(section)
+    if key not in types_:
+        raise ConfigError(f"unknown key {dotted!r} (known in {section_name}: {', '.join(types_)})")
+    setattr(section, key, _coerce(value, types_[key], dotted))
+
+
+def from_dict(raw: dict[str, Any] | None) -> Config:
+    cfg = Config()
+    if raw is None:
+        return cfg
+    if not isinstance(raw, dict):
+        raise ConfigError("a config file must be a mapping of sections (data, model, train, tune)")
+    for section_name, values in raw.items():
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"section {section_name!r} must be a mapping")
+        for key, value in values.items():
+            set_value(cfg, f"{section_name}.{key}", value)
+    return cfg
+
+
+def load(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Defaults <- YAML file <- overrides (dotted keys); the order the CLI applies them in."""
+    raw = None
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            raw = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+    cfg = from_dict(raw)
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            set_value(cfg, key, value)
+    return cfg

@@ -1,0 +1,319 @@
+"""Labelled image datasets: discovery, validation, de-duplicated stratified splits, torch Datasets.
+
+A dataset source is a folder (`ai/` + `real/`, `FAKE/` + `REAL/`, at any depth), a CSV manifest
+(`path,label`) or a tar archive of either folder layout, read in place. Every file is read once, hashed
+and test-decoded by `scan`; files that cannot be decoded are reported with a reason and left out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tarfile
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from deepfake.images import BadImage, decode_image
+
+log = logging.getLogger(__name__)
+
+CLASSES: tuple[str, ...] = ("ai", "real")  # index order of the model's outputs
+LABEL_SYNONYMS = {
+    "ai": "ai",
+    "fake": "ai",
+    "generated": "ai",
+    "synthetic": "ai",
+    "ai_generated": "ai",
+    "ai-generated": "ai",
+    "real": "real",
+    "authentic": "real",
+    "human": "real",
+    "photo": "real",
+}
+SAMPLE_DIR = Path(__file__).parent / "sample"  # a few hundred CIFAKE images shipped for quickstart and tests
+ARCHIVE_SEP = "::"  # ref of an archive member: "<archive path>::<member name>"
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
+
+
+CIFAKE_CREDITS = (
+    "CIFAKE (Bird & Lotfi, IEEE Access 2024, arXiv:2303.14126; MIT licence): REAL images from CIFAR-10 "
+    "(Krizhevsky & Hinton 2009, MIT licence), FAKE images generated with Stable Diffusion 1.4"
+)
+
+
+def data_credits(source: str) -> str | None:
+    """Credit line for the model card: a CREDITS.md beside the data wins; CIFAKE is recognised by name."""
+    p = Path(source)
+    for name in ("CREDITS.md", "CREDITS.txt", "CREDITS"):
+        if p.is_dir() and (p / name).is_file():
+            return (p / name).read_text().strip().splitlines()[0].lstrip("# ").strip()
+    return CIFAKE_CREDITS if "cifake" in str(source).lower() else None
+
+
+class DataError(ValueError):
+    """A dataset that cannot be used at all (missing, empty, unlabelled); the message says how to fix it."""
+
+
+def canonical_label(name: str) -> str | None:
+    return LABEL_SYNONYMS.get(str(name).strip().lower())
+
+
+def is_archive(path: str | Path) -> bool:
+    return str(path).lower().endswith(TAR_SUFFIXES)
+
+
+def _label_from_parts(parts: Iterable[str]) -> str | None:
+    """The nearest enclosing folder whose name is a label decides (so `train/FAKE/x.jpg` is ai)."""
+    for part in reversed(list(parts)):
+        label = canonical_label(part)
+        if label is not None:
+            return label
+    return None
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith(".") or name.startswith("__MACOSX")
+
+
+# ---------------------------------------------------------------------------------------------- discovery
+@dataclass
+class Candidate:
+    ref: str
+    label: str
+    data: bytes | None = None  # already read (archives are streamed once); None: read from ref
+
+
+def _discover_folder(root: Path) -> Iterator[Candidate]:
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not _hidden(d))
+        rel_parts = Path(dirpath).relative_to(root).parts
+        label = _label_from_parts(rel_parts)
+        if label is None:
+            continue
+        for name in sorted(filenames):
+            if not _hidden(name):
+                yield Candidate(str(Path(dirpath) / name), label)
+
+
+def _discover_archive(archive: Path) -> Iterator[Candidate]:
+    with tarfile.open(archive, mode="r:*") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            parts = PurePosixPath(member.name).parts
+            if any(_hidden(p) for p in parts):
+                continue
+            label = _label_from_parts(parts[:-1])
+            if label is None:
+                continue
+            f = tar.extractfile(member)
+            data = f.read() if f is not None else b""
+            yield Candidate(f"{archive}{ARCHIVE_SEP}{member.name}", label, data)
+
+
+def _discover_manifest(csv_path: Path) -> Iterator[Candidate]:
+    df = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    cols = {c.lower().strip(): c for c in df.columns}
+    if "path" not in cols or "label" not in cols:
+        raise DataError(f"{csv_path}: a manifest needs the columns path,label (found: {', '.join(df.columns)})")
+    base = csv_path.parent
+    bad = sorted({v for v in df[cols["label"]] if canonical_label(v) is None})
+    if bad:
+        raise DataError(f"{csv_path}: unknown labels {bad[:5]}; use one of {sorted(LABEL_SYNONYMS)} (case-insensitive)")
+    for p, label in zip(df[cols["path"]], df[cols["label"]]):
+        path = Path(p) if Path(p).is_absolute() else base / p
+        yield Candidate(str(path), canonical_label(label))
+
+
+def discover(path: str | Path) -> tuple[str, Iterator[Candidate]]:
+    """Recognise the layout of `path` and list its labelled files lazily."""
+    p = Path(path).expanduser().resolve()
+    if not p.exists():
+        raise DataError(f"dataset not found: {path}")
+    if p.is_dir():
+        return "folder", _discover_folder(p)
+    if is_archive(p):
+        return "archive", _discover_archive(p)
+    if p.suffix.lower() == ".csv" or str(p).lower().endswith(".csv.gz"):
+        return "manifest", _discover_manifest(p)
+    raise DataError(f"{path}: expected a folder, a CSV manifest (path,label) or a .tar/.tar.gz archive")
+
+
+# ---------------------------------------------------------------------------------------------- reading
+def read_ref(ref: str) -> bytes:
+    """Bytes of one file or archive member (slow for compressed archives: use a BlobStore for many)."""
+    if ARCHIVE_SEP in ref:
+        archive, member = ref.split(ARCHIVE_SEP, 1)
+        with tarfile.open(archive, mode="r:*") as tar:
+            f = tar.extractfile(member)
+            if f is None:
+                raise FileNotFoundError(ref)
+            return f.read()
+    with open(ref, "rb") as f:
+        return f.read()
+
+
+class BlobStore:
+    """Bytes by ref: archive members are loaded in one streaming pass and kept; plain files read on demand."""
+
+    def __init__(self, refs: Iterable[str] = ()):
+        self._members: dict[str, bytes] = {}
+        wanted: dict[str, set[str]] = {}
+        for ref in refs:
+            if ARCHIVE_SEP in ref:
+                archive, member = ref.split(ARCHIVE_SEP, 1)
+                wanted.setdefault(archive, set()).add(member)
+        for archive, members in wanted.items():
+            with tarfile.open(archive, mode="r:*") as tar:
+                for m in tar:
+                    if m.name in members and m.isfile():
+                        f = tar.extractfile(m)
+                        self._members[f"{archive}{ARCHIVE_SEP}{m.name}"] = f.read() if f else b""
+            missing = len(members) - sum(1 for m in members if f"{archive}{ARCHIVE_SEP}{m}" in self._members)
+            if missing:
+                raise DataError(f"{archive}: {missing} members listed in the split are missing from the archive")
+
+    def read(self, ref: str) -> bytes:
+        if ARCHIVE_SEP in ref:
+            return self._members[ref]
+        with open(ref, "rb") as f:
+            return f.read()
+
+
+# ---------------------------------------------------------------------------------------------- scanning
+@dataclass
+class Catalog:
+    """What a scan found: usable samples (ref, label, sha256, bytes) and skipped files with reasons."""
+
+    source: str
+    layout: str
+    samples: pd.DataFrame
+    skipped: pd.DataFrame
+    blobs: dict[str, bytes] = field(default_factory=dict, repr=False)  # archive members read during the scan
+
+
+def scan(path: str | Path, keep_blobs: bool = False, progress: bool = True) -> Catalog:
+    """Read, hash and test-decode every labelled file; never raises for a bad file, only lists it."""
+    layout, candidates = discover(path)
+    rows, skipped, blobs = [], [], {}
+    for c in tqdm(candidates, desc=f"scan {Path(path).name}", unit="img", disable=not progress, mininterval=2):
+        try:
+            data = c.data if c.data is not None else read_ref(c.ref)
+        except OSError as e:
+            skipped.append((c.ref, c.label, "unreadable", str(e)))
+            continue
+        try:
+            decode_image(data)
+        except BadImage as e:
+            skipped.append((c.ref, c.label, e.reason, e.detail))
+            continue
+        rows.append((c.ref, c.label, hashlib.sha256(data).hexdigest(), len(data)))
+        if keep_blobs and c.data is not None:
+            blobs[c.ref] = data
+    samples = pd.DataFrame(rows, columns=["ref", "label", "sha256", "bytes"])
+    skipped_df = pd.DataFrame(skipped, columns=["ref", "label", "reason", "detail"])
+    if samples.empty:
+        raise DataError(
+            f"{path}: no usable labelled images found ({len(skipped_df)} skipped). Expected folders named "
+            "ai/ + real/ or FAKE/ + REAL/ (any depth), or a CSV manifest with path,label"
+        )
+    for reason, n in Counter(skipped_df["reason"]).items():
+        log.warning("skipped %d files: %s", n, reason)
+    return Catalog(str(path), layout, samples, skipped_df, blobs)
+
+
+# ---------------------------------------------------------------------------------------------- splitting
+def _order_key(sha: str, seed: int) -> str:
+    return hashlib.sha256(f"{seed}:{sha}".encode()).hexdigest()
+
+
+def split_samples(
+    samples: pd.DataFrame,
+    val_ratio: float = 0.1,
+    test_ratio: float = 0.1,
+    seed: int = 0,
+    max_per_class: int | None = None,
+) -> pd.DataFrame:
+    """Assign train/val/test per class by content hash: deterministic, independent of file order, and
+    byte-identical duplicates always land on the same side. Returns `samples` with a `split` column."""
+    if not (0 <= val_ratio < 1 and 0 <= test_ratio < 1 and val_ratio + test_ratio < 1):
+        raise DataError(f"split ratios must be in [0, 1) and sum below 1 (val={val_ratio}, test={test_ratio})")
+    df = samples.copy()
+    # A duplicate group follows the label most of its copies carry (ties: alphabetical), so it is split once.
+    group_label = df.groupby("sha256")["label"].agg(lambda s: sorted(s.mode())[0])
+    df["group_label"] = df["sha256"].map(group_label)
+    df["split"] = ""
+    keep = pd.Series(True, index=df.index)
+    for label in sorted(df["group_label"].unique()):
+        sizes = df[df["group_label"] == label].groupby("sha256").size()
+        order = sorted(sizes.index, key=lambda s: _order_key(s, seed))
+        if max_per_class is not None:
+            total, capped = 0, []
+            for sha in order:
+                if total >= max_per_class:
+                    break
+                capped.append(sha)
+                total += int(sizes[sha])
+            order = capped
+        n = len(order)
+        n_test = int(round(n * test_ratio))
+        n_val = int(round(n * val_ratio))
+        if n >= 3:  # a split asked for gets at least one group
+            n_test = max(n_test, 1 if test_ratio > 0 else 0)
+            n_val = max(n_val, 1 if val_ratio > 0 else 0)
+        assign = {sha: "test" for sha in order[:n_test]}
+        assign.update({sha: "val" for sha in order[n_test : n_test + n_val]})
+        assign.update({sha: "train" for sha in order[n_test + n_val :]})
+        mask = df["group_label"] == label
+        df.loc[mask, "split"] = df.loc[mask, "sha256"].map(assign).fillna("")
+        keep &= ~(mask & (df["split"] == ""))
+    return df[keep].drop(columns=["group_label"]).sort_values(["split", "label", "ref"]).reset_index(drop=True)
+
+
+def report(catalog: Catalog, split: pd.DataFrame | None = None) -> dict:
+    """A JSON-able data summary: counts per class (and split), duplicates, skipped files with reasons."""
+    s = catalog.samples
+    dup_sizes = s.groupby("sha256").size()
+    conflicts = s.groupby("sha256")["label"].nunique()
+    out = {
+        "source": catalog.source,
+        "layout": catalog.layout,
+        "images": int(len(s)),
+        "per_class": {k: int(v) for k, v in sorted(Counter(s["label"]).items())},
+        "duplicate_groups": int((dup_sizes > 1).sum()),
+        "duplicate_images": int(dup_sizes[dup_sizes > 1].sum()),
+        "label_conflicts": int((conflicts > 1).sum()),
+        "skipped": int(len(catalog.skipped)),
+        "skipped_by_reason": {k: int(v) for k, v in sorted(Counter(catalog.skipped["reason"]).items())},
+        "skipped_files": catalog.skipped[["ref", "reason"]].to_dict("records"),
+    }
+    if split is not None:
+        out["splits"] = {
+            name: {k: int(v) for k, v in sorted(Counter(g["label"]).items())} for name, g in split.groupby("split")
+        }
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- torch side
+class ImageDataset(torch.utils.data.Dataset):
+    """(image tensor, class index) from refs; decoding happens here, in the loader, not up front."""
+
+    def __init__(self, refs: list[str], labels: list[str], transform: Callable, store: BlobStore):
+        self.refs = list(refs)
+        self.targets = [CLASSES.index(label) for label in labels]
+        self.transform = transform
+        self.store = store
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def __getitem__(self, i: int):
+        img = decode_image(self.store.read(self.refs[i]))
+        return self.transform(img), self.targets[i]

@@ -1,0 +1,80 @@
+"""Safe image decoding shared by training, prediction and the server.
+
+Every decoder in the product goes through `decode_image`, so a file is judged the same way everywhere:
+bad bytes raise `BadImage` with a reason (never a black stand-in), odd-but-valid modes become 8-bit RGB.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# Above this many pixels an image is refused as a likely decompression bomb. PIL's own limit (89 Mpx)
+# only warns below twice its value; we refuse at the limit itself.
+MAX_PIXELS = 40_000_000
+
+
+class BadImage(ValueError):
+    """Bytes that are not a usable image; `reason` is a short, stable tag for reports and HTTP errors."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB without clipping 16-bit data or keeping hidden alpha garbage."""
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        peak = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        arr = np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    if img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        scale = 255.0 / (hi - lo) if hi > lo else 0.0
+        return Image.fromarray(((arr - lo) * scale).astype(np.uint8), mode="L").convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))  # transparent areas -> white
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if img.mode != "RGB":
+        return img.convert("RGB")
+    return img
+
+
+def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Decode bytes to an upright RGB image or raise BadImage(reason)."""
+    if not data:
+        raise BadImage("empty", "zero bytes")
+    try:
+        img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise BadImage("decompression_bomb", str(e)) from None
+    except UnidentifiedImageError:
+        raise BadImage("not_an_image", "unrecognised image format") from None
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for junk headers
+        raise BadImage(_classify(e, "not_an_image"), str(e)) from None
+    if img.width * img.height > max_pixels:
+        raise BadImage("decompression_bomb", f"{img.width}x{img.height} exceeds {max_pixels} pixels")
+    try:
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        return _to_rgb(img)
+    except Image.DecompressionBombError as e:
+        raise BadImage("decompression_bomb", str(e)) from None
+    except Exception as e:  # noqa: BLE001 - OSError, SyntaxError, ValueError... from the decoders
+        raise BadImage(_classify(e, "corrupt"), str(e)) from None
+
+
+def _classify(e: Exception, default: str) -> str:
+    msg = str(e).lower()
+    return "truncated" if ("truncated" in msg or "broken data stream" in msg) else default
+
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}

@@ -1,0 +1,435 @@
+"""Training: one epoch loop (used by Ray Train, Ray Tune and the plain-PyTorch benchmark alike) and the
+Ray Train driver that runs it data-parallel, checkpoints every epoch, resumes, and exports the best model.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from deepfake import checkpoint as ckpt_io
+from deepfake.config import Config, from_dict
+from deepfake.data import CLASSES, BlobStore, ImageDataset, data_credits
+from deepfake.model import (
+    amp_dtype,
+    autocast,
+    create_model,
+    data_config,
+    freeze_frozen_batchnorm,
+    to_device,
+)
+from deepfake.transforms import build_transform
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------- core pieces
+def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    """timm's optimizer factory over the trainable parameters (no decay on norms and biases)."""
+    from timm.optim import create_optimizer_v2
+
+    t = cfg.train
+    name = t.optimizer.lower()
+    kwargs: dict[str, Any] = {}
+    if name in ("sgd", "momentum", "nesterov"):
+        kwargs["momentum"] = t.momentum
+    try:
+        return create_optimizer_v2(unwrap_for_opt(model), opt=name, lr=t.lr, weight_decay=t.weight_decay, **kwargs)
+    except (ValueError, AssertionError, KeyError) as e:
+        raise ValueError(f"optimizer {t.optimizer!r}: {e}") from None
+
+
+def unwrap_for_opt(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)
+
+
+def lr_multiplier(cfg: Config, steps_per_epoch: int) -> Callable[[int], float]:
+    """Per-step LR factor for LambdaLR: StepLR (the seed's 5/0.1), cosine, or constant; linear warmup."""
+    t = cfg.train
+    warmup = max(0, t.warmup_epochs) * steps_per_epoch
+    total = max(1, t.epochs * steps_per_epoch)
+    kind = t.scheduler.lower()
+    if kind not in ("step", "cosine", "none"):
+        raise ValueError(f"scheduler {t.scheduler!r}: expected step, cosine or none")
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if kind == "step":
+            return t.gamma ** ((step // steps_per_epoch) // max(1, t.step_size))
+        if kind == "cosine":
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return 0.5 * (1 + math.cos(math.pi * progress))
+        return 1.0
+
+    return factor
+
+
+@dataclass
+class EpochStats:
+    loss: float
+    correct: float
+    count: float
+    seconds: float
+
+    def reduced(self, device: torch.device) -> EpochStats:
+        """Sum over data-parallel workers (time: the slowest), so every rank sees the same numbers."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return self
+        t = torch.tensor([self.loss, self.correct, self.count], dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        s = torch.tensor([self.seconds], dtype=torch.float64, device=device)
+        dist.all_reduce(s, op=dist.ReduceOp.MAX)
+        return EpochStats(*t.tolist(), s.item())
+
+    @property
+    def mean_loss(self) -> float:
+        return self.loss / max(1.0, self.count)
+
+    @property
+    def acc(self) -> float:
+        return self.correct / max(1.0, self.count)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    loss_fn: nn.Module,
+    device: torch.device,
+    amp: str = "auto",
+    scaler: torch.amp.GradScaler | None = None,
+    channels_last: bool = True,
+    log_every: int = 0,
+    epoch: int = 0,
+) -> EpochStats:
+    model.train()
+    freeze_frozen_batchnorm(model)
+    total_loss, correct, count = 0.0, 0.0, 0.0
+    start = time.perf_counter()
+    n_steps = len(loader)
+    for step, (x, y) in enumerate(loader):
+        x = x.to(device, non_blocking=True)
+        y = y.to(device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device, amp):
+            logits = model(x)
+            loss = loss_fn(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        n = y.shape[0]
+        total_loss += float(loss.detach()) * n
+        correct += float((logits.detach().argmax(1) == y).sum())
+        count += n
+        if log_every and (step + 1) % log_every == 0:
+            rate = count / (time.perf_counter() - start)
+            log.info(
+                "epoch %d step %d/%d loss %.4f acc %.3f %.1f img/s",
+                epoch,
+                step + 1,
+                n_steps,
+                total_loss / count,
+                correct / count,
+                rate,
+            )
+    return EpochStats(total_loss, correct, count, time.perf_counter() - start)
+
+
+@torch.no_grad()
+def evaluate_loader(
+    model: nn.Module, loader, loss_fn: nn.Module, device: torch.device, amp: str = "auto", channels_last: bool = True
+) -> EpochStats:
+    model.eval()
+    total_loss, correct, count = 0.0, 0.0, 0.0
+    start = time.perf_counter()
+    for x, y in loader:
+        x = x.to(device, non_blocking=True)
+        y = y.to(device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device, amp):
+            logits = model(x)
+        total_loss += float(loss_fn(logits.float(), y)) * y.shape[0]
+        correct += float((logits.argmax(1) == y).sum())
+        count += y.shape[0]
+    return EpochStats(total_loss, correct, count, time.perf_counter() - start)
+
+
+def make_datasets(cfg: Config, splits: dict[str, tuple[list[str], list[str]]]) -> dict[str, ImageDataset]:
+    dc = data_config(cfg.model.arch)
+    store = BlobStore(ref for refs, _ in splits.values() for ref in refs)
+    out = {}
+    for name, (refs, labels) in splits.items():
+        tf = build_transform(
+            cfg.data.image_size,
+            dc["mean"],
+            dc["std"],
+            train=(name == "train"),
+            interpolation=dc["interpolation"],
+            hflip=cfg.data.hflip,
+            rotation=cfg.data.rotation,
+        )
+        out[name] = ImageDataset(refs, labels, tf, store)
+    return out
+
+
+def loader_kwargs(cfg: Config, device: torch.device) -> dict[str, Any]:
+    kw: dict[str, Any] = {"num_workers": cfg.data.loader_workers, "pin_memory": device.type == "cuda"}
+    if cfg.data.loader_workers > 0:
+        kw["persistent_workers"] = True
+    return kw
+
+
+# ---------------------------------------------------------------------------------------------- Ray Train loop
+def train_func(loop_config: dict[str, Any]) -> None:
+    """Per-worker loop under Ray Train: DDP via prepare_model/prepare_data_loader, a report + checkpoint
+    every epoch, resume from `ray.train.get_checkpoint()`, early stopping agreed by all ranks."""
+    import ray.train
+    import ray.train.torch
+    from torch.utils.data import DataLoader, Subset
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = from_dict(loop_config["cfg"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if loop_config.get("threads"):
+        torch.set_num_threads(int(loop_config["threads"]))
+    torch.manual_seed(cfg.train.seed + rank)
+    device = ray.train.torch.get_device()
+
+    datasets = make_datasets(cfg, loop_config["splits"])
+    per_worker_batch = max(1, cfg.train.batch_size // world)
+    kw = loader_kwargs(cfg, device)
+    train_loader = DataLoader(datasets["train"], batch_size=per_worker_batch, shuffle=True, drop_last=True, **kw)
+    if len(train_loader) == 0:
+        raise ValueError(f"the train split ({len(datasets['train'])} images) is smaller than one batch")
+    train_loader = ray.train.torch.prepare_data_loader(train_loader)
+    # Validation shards by stride, without DistributedSampler's padding, so the reduced metrics are exact.
+    val_ds = Subset(datasets["val"], range(rank, len(datasets["val"]), world))
+    val_loader = DataLoader(val_ds, batch_size=per_worker_batch, **kw)
+
+    model = to_device(create_model(cfg.model), device, cfg.model.channels_last)
+    model = ray.train.torch.prepare_model(model, move_to_device=False)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(cfg, len(train_loader)))
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype(device, cfg.train.amp) == torch.float16 else None
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
+    eval_loss = nn.CrossEntropyLoss(reduction="mean")
+
+    state = ckpt_io.TrainState(epoch=0, best_val_loss=math.inf, epochs_since_best=0, history=[])
+    resumed = ray.train.get_checkpoint()
+    if resumed:
+        with resumed.as_directory() as d:
+            state, _ = ckpt_io.load_train_checkpoint(Path(d), model, optimizer, scheduler)
+        log.info("resumed from checkpoint after epoch %d", state.epoch)
+
+    for epoch in range(state.epoch + 1, cfg.train.epochs + 1):
+        if cfg.train.fail_at_epoch == epoch and rank == 0:
+            marker = Path(loop_config["run_dir"]) / f".failed_once_epoch{epoch}"
+            if not marker.exists():
+                marker.parent.mkdir(parents=True, exist_ok=True)
+                marker.touch()
+                raise RuntimeError(f"injected failure at epoch {epoch} (fail_at_epoch)")
+        if hasattr(train_loader, "sampler") and hasattr(train_loader.sampler, "set_epoch"):
+            train_loader.sampler.set_epoch(epoch)
+        tr = train_one_epoch(
+            model,
+            train_loader,
+            optimizer,
+            scheduler,
+            loss_fn,
+            device,
+            cfg.train.amp,
+            scaler,
+            cfg.model.channels_last,
+            cfg.train.log_every if rank == 0 else 0,
+            epoch,
+        ).reduced(device)
+        va = evaluate_loader(model, val_loader, eval_loss, device, cfg.train.amp, cfg.model.channels_last)
+        va = va.reduced(device)
+        improved = va.mean_loss < state.best_val_loss - 1e-6
+        state.best_val_loss = min(state.best_val_loss, va.mean_loss)
+        state.epochs_since_best = 0 if improved else state.epochs_since_best + 1
+        state.epoch = epoch
+        metrics = {
+            "epoch": epoch,
+            "train_loss": tr.mean_loss,
+            "train_acc": tr.acc,
+            "val_loss": va.mean_loss,
+            "val_acc": va.acc,
+            "lr": optimizer.param_groups[0]["lr"],
+            "train_images_per_s": tr.count / max(tr.seconds, 1e-9),
+            "epoch_seconds": tr.seconds + va.seconds,
+            "world_size": world,
+        }
+        state.history.append(metrics)
+        stop = cfg.train.patience > 0 and state.epochs_since_best >= cfg.train.patience
+        metrics["early_stopped"] = stop
+        if rank == 0:
+            log.info("epoch %d: %s", epoch, {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if rank == 0:
+                ckpt_io.save_train_checkpoint(Path(tmp), model, optimizer, scheduler, state, {})
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=checkpoint)
+        if stop:
+            log.info("early stopping: validation loss has not improved for %d epochs", cfg.train.patience)
+            break
+
+
+# ---------------------------------------------------------------------------------------------- driver
+def ensure_ray(address: str | None = None) -> None:
+    """Connect to RAY_ADDRESS/--address if given, else start an embedded local Ray in this process."""
+    import ray
+
+    if not ray.is_initialized():
+        address = address or os.environ.get("RAY_ADDRESS")
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+
+
+def scaling(cfg: Config):
+    """ScalingConfig from the settings: GPUs when present (or asked), else CPU workers sharing the cores."""
+    import ray
+    from ray.train import ScalingConfig
+
+    want = cfg.train.use_gpu.lower()
+    gpus = ray.cluster_resources().get("GPU", 0)
+    use_gpu = want in ("true", "yes", "1") or (want == "auto" and gpus >= 1)
+    cpus = cfg.train.cpus_per_worker
+    if cpus is None:
+        total = int(ray.cluster_resources().get("CPU", 1))
+        cpus = max(1, total // max(1, cfg.train.workers))
+    return ScalingConfig(num_workers=cfg.train.workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus}), cpus
+
+
+def prepare_splits(cfg: Config) -> tuple[Any, dict, dict[str, tuple[list[str], list[str]]]]:
+    """Scan + split on the driver once; workers get the ref lists (not the bytes) and read their own."""
+    from deepfake.data import SAMPLE_DIR, report, scan, split_samples
+
+    path = cfg.data.path or str(SAMPLE_DIR)
+    catalog = scan(path)
+    split = split_samples(
+        catalog.samples, cfg.data.val_ratio, cfg.data.test_ratio, cfg.data.seed, cfg.data.max_per_class
+    )
+    rep = report(catalog, split)
+    splits = {}
+    for name in ("train", "val", "test"):
+        part = split[split["split"] == name]
+        splits[name] = (part["ref"].tolist(), part["label"].tolist())
+    if not splits["train"][0] or not splits["val"][0]:
+        raise ValueError(f"{path}: too few images for a train and a validation split ({rep['splits']})")
+    return split, rep, splits
+
+
+def run_name(cfg: Config) -> str:
+    return cfg.train.name or datetime.now().strftime("train-%Y%m%d-%H%M%S")
+
+
+def fit(cfg: Config, address: str | None = None, export: bool = True) -> dict[str, Any]:
+    """Train with Ray Train and export the best checkpoint (lowest val loss) with its model card."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+
+    ensure_ray(address)
+    name = run_name(cfg)
+    storage = cfg.train.storage_path
+    if "://" not in storage:
+        storage = str(Path(storage).expanduser().resolve())
+    run_dir = f"{storage}/{name}"
+    split, rep, splits = prepare_splits(cfg)
+    if "://" not in run_dir:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        cfg.save(Path(run_dir) / "config.yaml")
+        split.to_csv(Path(run_dir) / "split.csv", index=False)
+    scaling_config, cpus = scaling(cfg)
+    log.info(
+        "run %s: %s, %d workers x %s CPU, GPU=%s", name, rep["splits"], cfg.train.workers, cpus, scaling_config.use_gpu
+    )
+    trainer = TorchTrainer(
+        train_func,
+        train_loop_config={"cfg": cfg.to_dict(), "splits": splits, "run_dir": run_dir, "threads": cpus},
+        scaling_config=scaling_config,
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage,
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=cfg.train.num_to_keep,
+                checkpoint_score_attribute="val_loss",
+                checkpoint_score_order="min",
+            ),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+        ),
+    )
+    start = time.time()
+    result = trainer.fit()
+    seconds = time.time() - start
+    best = result.get_best_checkpoint(metric="val_loss", mode="min") or result.checkpoint
+    if best is None:
+        raise RuntimeError(f"run {name} finished without a checkpoint")
+    best_metrics = next((m for c, m in (result.best_checkpoints or []) if c.path == best.path), result.metrics)
+    with (result.checkpoint or best).as_directory() as d:
+        history = ckpt_io.read_train_state(Path(d)).history
+    out = {
+        "run": name,
+        "run_dir": run_dir,
+        "checkpoint": best.path,
+        "metrics": best_metrics,
+        "history": history,
+        "data": rep,
+        "train_seconds": seconds,
+    }
+    if export:
+        out["model_dir"] = str(export_best(cfg, best, best_metrics, history, rep, seconds, cpus, scaling_config))
+    return out
+
+
+def export_best(cfg, best, metrics, history, rep, seconds, cpus, scaling_config) -> Path:
+    dc = data_config(cfg.model.arch)
+    model = create_model(cfg.model)
+    with best.as_directory() as d:
+        ckpt_io.load_train_checkpoint(Path(d), model)
+    keep = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc")
+    hw = f"{cfg.train.workers} Ray Train worker(s) x {cpus} CPU" + (", GPU" if scaling_config.use_gpu else "")
+    data_summary = {k: v for k, v in rep.items() if k != "skipped_files"}
+    meta = ckpt_io.build_metadata(
+        cfg.model,
+        cfg.data.image_size,
+        dc["mean"],
+        dc["std"],
+        dc["interpolation"],
+        CLASSES,
+        config=cfg.to_dict(),
+        metrics={k: metrics[k] for k in keep if k in metrics},
+        best_epoch=metrics.get("epoch"),
+        epochs_run=len(history),
+        history=history,
+        data=data_summary,
+        train_seconds=round(seconds, 1),
+        hardware=hw,
+        credits=data_credits(rep["source"]),
+    )
+    return ckpt_io.save_model(model, cfg.train.out, meta)

@@ -1,0 +1,86 @@
+import json
+
+import pytest
+import torch
+
+from deepfake import checkpoint as ck
+from deepfake.config import ModelConfig
+from deepfake.data import CLASSES
+from deepfake.model import ModelError, apply_finetune_policy, create_model, data_config
+
+
+def _save(tmp_path, cfg=None, **extra):
+    cfg = cfg or ModelConfig(stem_stride=1)
+    torch.manual_seed(0)
+    model = create_model(cfg).eval()
+    dc = data_config(cfg.arch)
+    meta = ck.build_metadata(
+        cfg, 32, dc["mean"], dc["std"], dc["interpolation"], CLASSES, metrics={"val_acc": 0.9}, **extra
+    )
+    return model, ck.save_model(model, tmp_path / "m", meta)
+
+
+def test_round_trip_gives_identical_logits(tmp_path):
+    model, d = _save(tmp_path)
+    loaded, meta = ck.load_model(d)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+    assert meta["classes"] == ["ai", "real"] and meta["image_size"] == 32 and meta["stem_stride"] == 1
+    assert meta["mean"] == [0.485, 0.456, 0.406] and "torch" in meta["versions"]
+    assert (d / "model.safetensors").is_file() and (d / "README.md").is_file()
+
+
+def test_card_is_generated_from_metadata(tmp_path):
+    _, d = _save(tmp_path, credits="CIFAKE credit line")
+    card = (d / "README.md").read_text()
+    meta = ck.read_metadata(d)
+    assert meta["arch"] in card and "CIFAKE credit line" in card and "90.00%" in card
+    assert ck.render_card(meta) == card
+
+
+def test_corrupt_weights_are_a_clear_error(tmp_path):
+    _, d = _save(tmp_path)
+    (d / "model.safetensors").write_bytes(b"garbage" * 10)
+    with pytest.raises(ck.CheckpointError, match="corrupt safetensors"):
+        ck.load_model(d)
+
+
+def test_mismatched_metadata_is_a_clear_error(tmp_path):
+    _, d = _save(tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["deepfake"]["arch"] = "resnet18"
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ck.CheckpointError, match="do not match resnet18"):
+        ck.load_model(d)
+    (d / "config.json").write_text("{not json")
+    with pytest.raises(ck.CheckpointError, match="corrupt JSON"):
+        ck.load_model(d)
+    with pytest.raises(ck.CheckpointError, match="not found"):
+        ck.load_model(tmp_path / "missing")
+
+
+def test_pretrained_from_local_file_and_offline_hub(tmp_path):
+    _, d = _save(tmp_path)
+    m = create_model(ModelConfig(pretrained=str(d / "model.safetensors"), stem_stride=1))
+    ref, _ = ck.load_model(d)
+    assert torch.equal(m.conv_stem.weight, ref.conv_stem.weight)
+    with pytest.raises(ModelError, match="--pretrained none"):
+        create_model(ModelConfig(pretrained="hub"))
+    with pytest.raises(ModelError, match="not found"):
+        create_model(ModelConfig(pretrained=str(tmp_path / "nope.safetensors")))
+
+
+def test_finetune_policy():
+    m = create_model(ModelConfig())
+    total = sum(p.numel() for p in m.parameters())
+    last3 = apply_finetune_policy(m, "last:3")
+    assert 0 < last3 < total
+    assert not m.conv_stem.weight.requires_grad and m.classifier.weight.requires_grad
+    assert all(p.requires_grad for p in m.blocks[-1].parameters())
+    assert not any(p.requires_grad for p in m.blocks[-4].parameters())
+    assert apply_finetune_policy(m, "all") == total
+    with pytest.raises(ModelError):
+        apply_finetune_policy(m, "last:99")
+    with pytest.raises(ModelError):
+        apply_finetune_policy(m, "some")

@@ -1,0 +1,76 @@
+"""Ray Train end to end on real images with a real local Ray: training, worker failure, resume."""
+
+import json
+
+import pytest
+import torch
+
+from deepfake import checkpoint as ck
+from deepfake.cli import main
+from deepfake.config import Config
+from deepfake.train import fit
+
+pytestmark = pytest.mark.slow
+
+
+def _cfg(data, tmp_path, **train) -> Config:
+    cfg = Config()
+    cfg.data.path = str(data)
+    cfg.data.image_size = 32
+    cfg.data.val_ratio = cfg.data.test_ratio = 0.15
+    cfg.model.stem_stride = 2
+    cfg.train.epochs = 2
+    cfg.train.batch_size = 16
+    cfg.train.workers = 2
+    cfg.train.storage_path = str(tmp_path / "runs")
+    cfg.train.out = str(tmp_path / "model")
+    cfg.train.log_every = 0
+    for k, v in train.items():
+        setattr(cfg.train, k, v)
+    return cfg
+
+
+def test_two_workers_train_and_export(ray_local, small_sample, tmp_path):
+    out = fit(_cfg(small_sample, tmp_path, name="basic"))
+    d = tmp_path / "model"
+    assert {"model.safetensors", "config.json", "README.md"} <= {p.name for p in d.iterdir()}
+    model, meta = ck.load_model(d)
+    assert meta["image_size"] == 32 and meta["classes"] == ["ai", "real"]
+    assert meta["config"]["train"]["workers"] == 2 and meta["epochs_run"] == 2
+    assert meta["data"]["splits"]["val"] == {"ai": 9, "real": 9}
+    assert 0.0 <= meta["metrics"]["val_acc"] <= 1.0 and meta["metrics"]["val_loss"] > 0
+    assert [h["epoch"] for h in out["history"]] == [1, 2] and out["history"][0]["world_size"] == 2
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 2)
+    assert (tmp_path / "runs" / "basic" / "config.yaml").is_file()
+    assert (tmp_path / "runs" / "basic" / "split.csv").is_file()
+
+
+def test_worker_crash_restarts_from_last_checkpoint(ray_local, small_sample, tmp_path):
+    out = fit(_cfg(small_sample, tmp_path, name="crash", epochs=3, fail_at_epoch=2, max_failures=1), export=False)
+    assert (tmp_path / "runs" / "crash" / ".failed_once_epoch2").exists()  # the failure did happen
+    assert [h["epoch"] for h in out["history"]] == [1, 2, 3]
+
+
+def test_resume_after_interruption_continues_from_last_epoch(ray_local, small_sample, tmp_path):
+    from ray.train import TrainingFailedError
+
+    cfg = _cfg(small_sample, tmp_path, name="interrupted", epochs=3, fail_at_epoch=2, max_failures=0)
+    with pytest.raises(TrainingFailedError):
+        fit(cfg, export=False)
+    run = tmp_path / "runs" / "interrupted"
+    first = sorted(p for p in run.glob("checkpoint_*") if p.is_dir())
+    assert len(first) == 1  # only epoch 1 finished
+    epoch1 = json.loads((first[0] / "state.json").read_text())["history"][0]
+
+    rc = main(["train", "--resume", "interrupted", "--storage-path", str(tmp_path / "runs")])
+    assert rc == 0
+    meta = ck.read_metadata(tmp_path / "model")
+    history = meta["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert history[0] == epoch1  # epoch 1 was not trained again
+
+
+def test_cli_refuses_to_overwrite_a_run(ray_local, small_sample, tmp_path):
+    (tmp_path / "runs" / "taken").mkdir(parents=True)
+    rc = main(["train", "--data", str(small_sample), "--name", "taken", "--storage-path", str(tmp_path / "runs")])
+    assert rc == 2
