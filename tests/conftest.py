@@ -64,3 +64,41 @@ def ray_local():
         ray.init(num_cpus=2, include_dashboard=None, logging_level="WARNING")
     yield ray
     ray.shutdown()
+
+
+def train_small_model(out_dir: Path, epochs: int = 3, image_size: int = 32, seed: int = 0) -> Path:
+    """A genuinely fine-tuned model folder, trained in-process (no Ray) on the shipped sample in seconds."""
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader
+
+    from deepfake import checkpoint as ck
+    from deepfake.config import Config
+    from deepfake.data import CLASSES, scan, split_samples
+    from deepfake.model import create_model, data_config
+    from deepfake.train import build_optimizer, make_datasets, train_one_epoch
+
+    torch.manual_seed(seed)
+    cfg = Config()
+    cfg.data.image_size = image_size
+    cfg.train.lr = 2e-3
+    cat = scan(SAMPLE_DIR, progress=False)
+    split = split_samples(cat.samples, 0.1, 0.1)
+    splits = {n: (g["ref"].tolist(), g["label"].tolist()) for n, g in split.groupby("split")}
+    ds = make_datasets(cfg, splits)
+    model = create_model(cfg.model)
+    opt = build_optimizer(model, cfg)
+    loader = DataLoader(ds["train"], batch_size=32, shuffle=True, drop_last=True)
+    for epoch in range(epochs):
+        train_one_epoch(model, loader, opt, None, nn.CrossEntropyLoss(), torch.device("cpu"), "off", epoch=epoch)
+    dc = data_config(cfg.model.arch)
+    meta = ck.build_metadata(
+        cfg.model, image_size, dc["mean"], dc["std"], dc["interpolation"], CLASSES, config=cfg.to_dict(), metrics={}
+    )
+    return ck.save_model(model.eval(), out_dir, meta)
+
+
+@pytest.fixture(scope="session")
+def trained_model_dir(tmp_path_factory) -> Path:
+    """Session-wide fine-tuned model folder for evaluate / predict / explain / serve tests."""
+    return train_small_model(tmp_path_factory.mktemp("model") / "tiny")

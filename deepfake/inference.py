@@ -1,0 +1,86 @@
+"""Inference on a trained model folder: the one preprocessing + forward path that predict, evaluate,
+explain and the server all use, so a verdict never depends on which entry point produced it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from deepfake.checkpoint import load_model
+from deepfake.model import autocast, pick_device
+from deepfake.transforms import build_transform
+
+
+class Predictor:
+    """A loaded model plus its own eval transform (size, interpolation, mean/std from its metadata)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        meta: dict[str, Any],
+        device: str | torch.device = "auto",
+        amp: str = "auto",
+        channels_last: bool = True,
+    ):
+        self.device = pick_device(device) if str(device) in ("auto", "true", "false") else torch.device(device)
+        self.meta = meta
+        self.classes: list[str] = list(meta["classes"])
+        self.ai_index = self.classes.index("ai")
+        self.image_size = int(meta["image_size"])
+        self.amp = amp
+        self.channels_last = channels_last
+        self.model = model.to(self.device).eval()
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.transform = build_transform(
+            self.image_size,
+            tuple(meta["mean"]),
+            tuple(meta["std"]),
+            train=False,
+            interpolation=meta.get("interpolation", "bicubic"),
+        )
+        self.version = model_version(meta)
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path, device: str | torch.device = "auto", **kw) -> Predictor:
+        model, meta = load_model(model_dir)
+        meta = {**meta, "path": str(model_dir)}
+        return cls(model, meta, device=device, **kw)
+
+    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """RGB PIL images -> normalised batch on the model's device."""
+        x = torch.stack([self.transform(img) for img in images])
+        x = x.to(self.device, non_blocking=True)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    @torch.inference_mode()
+    def predict_tensor(self, x: torch.Tensor) -> torch.Tensor:
+        """Class probabilities (N, C), float32 on the CPU."""
+        with autocast(self.device, self.amp):
+            logits = self.model(x)
+        return logits.float().softmax(1).cpu()
+
+    def predict_images(self, images: Sequence[Image.Image]) -> list[dict[str, Any]]:
+        probs = self.predict_tensor(self.preprocess(images)).numpy()
+        return [self.verdict(p) for p in probs]
+
+    def verdict(self, probs: np.ndarray) -> dict[str, Any]:
+        """{label, prob_ai, model}: label is the argmax class (threshold 0.5 for two classes)."""
+        return {
+            "label": self.classes[int(np.argmax(probs))],
+            "prob_ai": float(probs[self.ai_index]),
+            "model": self.version,
+        }
+
+
+def model_version(meta: dict[str, Any]) -> str:
+    """A short, stable model identifier for outputs: arch, creation time and run name."""
+    run = (meta.get("config") or {}).get("train", {}).get("name") or ""
+    created = str(meta.get("created", "")).replace(":", "").replace("-", "")[:15]
+    return "-".join(p for p in (meta.get("arch", "model"), run, created) if p)
