@@ -134,6 +134,187 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_jobs_submit(args: argparse.Namespace) -> int:
+    """Submit a stage as a Ray job, follow its logs, exit with its status (SUCCEEDED 0, FAILED/STOPPED 1)."""
+    from deepfake import jobs
+
+    c, job_id = jobs.submit(
+        args.job,
+        args.args,
+        address=args.address,
+        working_dir=args.working_dir,
+        installed=args.installed,
+        pip=args.pip,
+        env=jobs.parse_env(args.env),
+        submission_id=args.submission_id,
+        entrypoint_num_gpus=args.entrypoint_num_gpus,
+    )
+    print(json.dumps({"job_id": job_id}), flush=True)
+    if args.no_wait:
+        return 0
+    jobs.follow_logs(c, job_id)
+    status = jobs.wait(c, job_id)
+    if jobs.exit_code(status) != 0:
+        jobs.report_failure(c, job_id)
+    print(json.dumps({"job_id": job_id, "status": str(status)}))
+    return jobs.exit_code(status)
+
+
+def cmd_jobs_status(args: argparse.Namespace) -> int:
+    from deepfake import jobs
+
+    print(json.dumps(jobs.job_summary(jobs.client(args.address), args.job_id), indent=2, default=str))
+    return 0
+
+
+def cmd_jobs_logs(args: argparse.Namespace) -> int:
+    from deepfake import jobs
+
+    c = jobs.client(args.address)
+    if args.follow:
+        jobs.follow_logs(c, args.job_id)
+    else:
+        sys.stdout.write(c.get_job_logs(args.job_id))
+    return 0
+
+
+def cmd_jobs_stop(args: argparse.Namespace) -> int:
+    from deepfake import jobs
+
+    c = jobs.client(args.address)
+    stopped = c.stop_job(args.job_id)
+    status = jobs.wait(c, args.job_id, timeout_s=args.timeout) if args.wait else c.get_job_status(args.job_id)
+    print(json.dumps({"job_id": args.job_id, "stop_requested": stopped, "status": str(status)}))
+    return 0
+
+
+def cmd_jobs_list(args: argparse.Namespace) -> int:
+    from deepfake import jobs
+
+    rows = [
+        {"job_id": j.submission_id or j.job_id, "status": str(j.status), "entrypoint": j.entrypoint}
+        for j in jobs.client(args.address).list_jobs()
+    ]
+    print(json.dumps(rows, indent=2))
+    return 0
+
+
+TUNE_FLAGS: dict[str, tuple[str, type, str]] = {
+    "--samples": ("tune.samples", int, "number of trials"),
+    "--tune-epochs": ("tune.epochs", int, "per-trial epoch budget (ASHA max_t)"),
+    "--grace-period": ("tune.grace_period", int, "ASHA: epochs before a trial can be stopped"),
+    "--reduction-factor": ("tune.reduction_factor", int, "ASHA: keep 1/N at each rung"),
+    "--searcher": ("tune.searcher", str, "optuna (TPE) | random"),
+    "--max-concurrent": ("tune.max_concurrent", int, "trials at once"),
+    "--workers-per-trial": ("tune.workers_per_trial", int, "Ray Train workers per trial"),
+    "--cpus-per-trial-worker": ("tune.cpus_per_trial_worker", float, "CPUs per trial worker"),
+    "--gpus-per-trial-worker": ("tune.gpus_per_trial_worker", float, "GPUs (or a fraction) per trial worker"),
+    "--metric": ("tune.metric", str, "val_acc | val_loss"),
+    "--mode": ("tune.mode", str, "max | min"),
+    "--search-name": ("tune.name", str, "experiment name inside OUT (default: search)"),
+}
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from deepfake import tune as tunemod
+
+    for key, _, _ in TUNE_FLAGS.values():
+        if getattr(args, key, None) is not None:
+            args.set.append(f"{key}={getattr(args, key)}")
+    if args.output:
+        args.set.append(f"tune.out={args.output}")
+    cfg = _config_from_args(args)
+    if args.resume:  # the search continues with the settings it was started with
+        cfg = tunemod.load_saved(cfg.tune.out)
+    summary = tunemod.run_search(cfg, out=args.output or cfg.tune.out, resume=args.resume, address=args.address)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from deepfake.evaluate import evaluate
+
+    if args.update_card and len(args.model) > 1:
+        raise cfgmod.ConfigError("--update-card records one model's evaluation; an ensemble has no card")
+    result = evaluate(
+        args.model,
+        data=args.data,
+        split=args.split,
+        robustness=args.robustness,
+        out_dir=args.output,
+        batch_size=args.batch_size,
+        device=args.device,
+        num_workers=args.loader_workers,
+        threshold=args.threshold,
+        n_bootstrap=args.bootstrap,
+    )
+    if args.update_card:
+        from deepfake.evaluate import update_card
+
+        update_card(args.model[0], result)
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def cmd_ensemble(args: argparse.Namespace) -> int:
+    from deepfake.ensemble import ensemble_files
+
+    print(json.dumps(ensemble_files(args.csv, args.output, method=args.method), indent=2))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from deepfake.predict import predict
+
+    summary = predict(
+        args.model,
+        args.path,
+        args.output,
+        batch_size=args.batch_size,
+        concurrency=args.concurrency,
+        gpus_per_replica=args.gpus_per_replica,
+        overwrite=args.overwrite,
+        address=args.address,
+    )
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from deepfake.data import DataError
+    from deepfake.explain import explain_images, write_explanations
+    from deepfake.images import BadImage, decode_image
+    from deepfake.inference import Predictor
+
+    predictor = Predictor.from_dir(args.model, device=args.device)
+    if args.target is not None and args.target not in predictor.classes:
+        raise cfgmod.ConfigError(f"--target {args.target!r}: the model's classes are {predictor.classes}")
+    images, names, failed = [], [], []
+    for path in args.images:
+        try:
+            images.append(decode_image(Path(path).read_bytes()))
+            names.append(path)
+        except BadImage as e:
+            failed.append({"path": path, "reason": e.reason})
+        except OSError as e:
+            failed.append({"path": path, "reason": f"unreadable: {e.strerror or e}"})
+    for row in failed:
+        log.error("skipped %s: %s", row["path"], row["reason"])
+    if not images:
+        raise DataError(f"none of the {len(args.images)} images could be read")
+    expls = explain_images(predictor, images, target=args.target, batch_size=args.batch_size)
+    result = write_explanations(expls, names, args.output)
+    print(json.dumps({**result, "failed": failed}, indent=2))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from deepfake.serve import run_local
+
+    run_local(config=args.config, model=args.model, port=args.port, host=args.host, address=args.address)
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deepfake", description="Tell AI-generated images from real photos.")
@@ -153,6 +334,102 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume", metavar="NAME", help="continue an interrupted run by name")
     tr.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or an embedded local Ray)")
     tr.set_defaults(func=cmd_train)
+
+    jobs_p = sub.add_parser("jobs", help="run the stages on a Ray cluster (Ray Jobs API)")
+    jobs_sub = jobs_p.add_subparsers(dest="jobs_command", required=True)
+    address_help = "the head's Jobs API, e.g. http://127.0.0.1:8265 (default: RAY_ADDRESS)"
+    submit = jobs_sub.add_parser(
+        "submit", help="submit a stage as a Ray job: deepfake jobs submit JOB [options] -- ARGS FOR THE JOB"
+    ).add_subparsers(dest="job", required=True)
+    for job in ("train", "tune", "evaluate", "predict", "serve"):
+        jp = submit.add_parser(job, help=f"the `{job}` job (arguments after --)")
+        jp.add_argument("--address", help=address_help)
+        jp.add_argument("--no-wait", action="store_true", help="print the job id and return")
+        src = jp.add_mutually_exclusive_group()
+        src.add_argument("--working-dir", help="source checkout to upload (default: this checkout)")
+        src.add_argument("--installed", action="store_true", help="use the package installed on the cluster")
+        jp.add_argument("--pip", action="append", default=[], metavar="PKG", help="extra pip package for the job")
+        jp.add_argument("--env", action="append", default=[], metavar="K=V", help="environment variable")
+        jp.add_argument("--submission-id", help="job id to use (default: generated)")
+        jp.add_argument("--entrypoint-num-gpus", type=float, help="GPUs reserved for the driver itself")
+        jp.add_argument("args", nargs="*", help="arguments for the job, after --")
+        jp.set_defaults(func=cmd_jobs_submit)
+    for name, func, help_ in (
+        ("status", cmd_jobs_status, "a job's status and message"),
+        ("logs", cmd_jobs_logs, "a job's logs"),
+        ("stop", cmd_jobs_stop, "stop a job"),
+    ):
+        jq = jobs_sub.add_parser(name, help=help_)
+        jq.add_argument("job_id")
+        jq.add_argument("--address", help=address_help)
+        jq.set_defaults(func=func)
+        if name == "logs":
+            jq.add_argument("-f", "--follow", action="store_true", help="follow until the job ends")
+        if name == "stop":
+            jq.add_argument("--no-wait", dest="wait", action="store_false", help="don't wait for it to stop")
+            jq.add_argument("--timeout", type=float, default=60.0)
+    jl = jobs_sub.add_parser("list", help="jobs on the cluster")
+    jl.add_argument("--address", help=address_help)
+    jl.set_defaults(func=cmd_jobs_list)
+
+    tu = sub.add_parser("tune", help="hyperparameter search (Ray Tune + ASHA) -> best_config.yaml")
+    _add_config_flags(tu)
+    for flag, (key, tp, help_) in TUNE_FLAGS.items():
+        tu.add_argument(flag, dest=key, type=tp, default=None, help=help_)
+    tu.add_argument("-o", "--output", help="search folder: best_config.yaml, trials.csv, plots (default: tune.out)")
+    tu.add_argument("--resume", action="store_true", help="continue the interrupted search in the output folder")
+    tu.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or an embedded local Ray)")
+    tu.set_defaults(func=cmd_tune)
+
+    ev = sub.add_parser("evaluate", help="metrics, plots and robustness of a model (or an ensemble) on a dataset")
+    ev.add_argument("--model", action="append", required=True, metavar="DIR", help="model folder (repeat: ensemble)")
+    ev.add_argument("--data", help="dataset (default: the data the first model was trained on)")
+    ev.add_argument("--split", choices=("val", "test", "train", "all"), default="val", help="as split in training")
+    ev.add_argument("--robustness", action="store_true", help="also score JPEG q90/75/50, 0.5x downscale, blur")
+    ev.add_argument("-o", "--output", default="eval_out", help="folder for metrics.json, predictions.csv, plots")
+    ev.add_argument("--batch-size", type=int, default=64)
+    ev.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    ev.add_argument("--loader-workers", type=int, default=0, help="DataLoader processes decoding images")
+    ev.add_argument("--threshold", type=float, default=0.5, help="P(ai) at or above which the verdict is ai")
+    ev.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the ROC-AUC interval")
+    ev.add_argument("--update-card", action="store_true", help="record the result in the model folder and its card")
+    ev.set_defaults(func=cmd_evaluate)
+
+    en = sub.add_parser("ensemble", help="combine prediction CSVs (filename,class,prob_ai) by vote or mean")
+    en.add_argument("csv", nargs="+", help="prediction CSVs, one per model")
+    en.add_argument("-o", "--output", required=True, help="combined CSV")
+    en.add_argument("--method", choices=("vote", "mean"), default="vote", help="majority vote (ties: mean) or mean")
+    en.set_defaults(func=cmd_ensemble)
+
+    pr = sub.add_parser("predict", help="batch prediction with Ray Data: folder, .tar(.gz) or CSV -> predictions CSV")
+    pr.add_argument("path", help="folder (every image, recursively), .tar/.tar.gz archive, or CSV manifest (path)")
+    pr.add_argument("--model", action="append", required=True, metavar="DIR", help="model folder (repeat: ensemble)")
+    pr.add_argument("-o", "--output", default="predictions.csv", help="CSV: filename,class,prob_ai,model,error")
+    pr.add_argument("--batch-size", type=int, default=64, help="images per model call")
+    pr.add_argument("--concurrency", type=int, help="model replicas (default: one per GPU, or per 2 CPUs)")
+    pr.add_argument("--gpus-per-replica", type=float, help="GPUs per replica (default 1 when GPUs exist; 0: CPU)")
+    pr.add_argument(
+        "--overwrite", action="store_true", help="start the output afresh (default: resume, skipping rows written)"
+    )
+    pr.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or an embedded local Ray)")
+    pr.set_defaults(func=cmd_predict)
+
+    ex = sub.add_parser("explain", help="Grad-CAM heatmaps: overlay PNG + .npy per image, and a contact sheet")
+    ex.add_argument("images", nargs="+", metavar="IMAGE")
+    ex.add_argument("--model", required=True, metavar="DIR", help="model folder")
+    ex.add_argument("-o", "--output", required=True, help="output folder")
+    ex.add_argument("--target", help="class to explain, e.g. ai or real (default: each image's predicted class)")
+    ex.add_argument("--batch-size", type=int, default=16, help="images per Grad-CAM forward/backward")
+    ex.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    ex.set_defaults(func=cmd_explain)
+
+    sv = sub.add_parser("serve", help="HTTP API + web page with Ray Serve (blocks until Ctrl-C)")
+    sv.add_argument("--config", help="Serve config (default: serve_config.yaml in the cwd or the repository)")
+    sv.add_argument("--model", metavar="DIR", help="model folder (overrides the config's args.model)")
+    sv.add_argument("--port", type=int, help="HTTP port (overrides the config; default 8000)")
+    sv.add_argument("--host", help="HTTP host (default 127.0.0.1; 0.0.0.0 for other machines)")
+    sv.add_argument("--address", help="Ray cluster address (default: an embedded local Ray)")
+    sv.set_defaults(func=cmd_serve)
 
     return parser
 

@@ -1,0 +1,372 @@
+"""Evaluate one model folder, or an ensemble of them (mean P(ai)), on a labelled dataset.
+
+The dataset is scanned and split with the data settings the model was trained with (its metadata
+`config.data`: seed, val_ratio, test_ratio, max_per_class), so `split="val"` is exactly the training run's
+validation part and `split="test"` the part it never saw; `split="all"` scores every usable image.
+Inference goes through `deepfake.inference.Predictor` (the one path shared with predict and serve), batched
+by a DataLoader over images decoded by `deepfake.images.decode_image`.
+
+Robustness sweep: the same metrics after a perturbation of the decoded image, applied before the model's
+own transform: JPEG re-compression at quality 90/75/50, a 0.5x downscale (bicubic, down only: the model's
+resize then brings it back to its input size, so this is down-then-up with the model's interpolation) and
+a Gaussian blur of radius 1 px.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image, ImageFilter
+from torch.utils.data import DataLoader, Dataset
+
+from deepfake import checkpoint as ck
+from deepfake.config import DataConfig
+from deepfake.data import SAMPLE_DIR, DataError, read_ref, scan, split_samples
+from deepfake.images import BadImage, decode_image
+from deepfake.metrics import compute_metrics, write_plots
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test", "all")
+SPLIT_KEYS = ("seed", "val_ratio", "test_ratio", "max_per_class")  # what decides which image lands where
+
+
+# ---------------------------------------------------------------------------------------------- perturbations
+def _jpeg(quality: int) -> Callable[[Image.Image], Image.Image]:
+    def apply(img: Image.Image) -> Image.Image:
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=quality)
+        return decode_image(buf.getvalue())  # every decode goes through the safe decoder
+
+    return apply
+
+
+def _downscale(factor: float) -> Callable[[Image.Image], Image.Image]:
+    def apply(img: Image.Image) -> Image.Image:
+        size = (max(1, round(img.width * factor)), max(1, round(img.height * factor)))
+        return img.resize(size, Image.Resampling.BICUBIC, reducing_gap=None)
+
+    return apply
+
+
+def _blur(radius: float) -> Callable[[Image.Image], Image.Image]:
+    return lambda img: img.filter(ImageFilter.GaussianBlur(radius=radius))
+
+
+CONDITIONS: dict[str, Callable[[Image.Image], Image.Image] | None] = {
+    "clean": None,
+    "jpeg_q90": _jpeg(90),
+    "jpeg_q75": _jpeg(75),
+    "jpeg_q50": _jpeg(50),
+    "downscale_0.5x": _downscale(0.5),
+    "blur_r1": _blur(1.0),
+}
+
+
+# ---------------------------------------------------------------------------------------------- data
+def data_settings(meta: dict[str, Any]) -> dict[str, Any]:
+    """The split-deciding data settings a model was trained with (defaults where its metadata has none)."""
+    saved = (meta.get("config") or {}).get("data")
+    defaults = DataConfig()
+    if not saved:
+        log.warning("model metadata has no data config; using the default split settings")
+        saved = {}
+    out = {k: saved.get(k, getattr(defaults, k)) for k in SPLIT_KEYS}
+    out["path"] = saved.get("path")
+    return out
+
+
+def _common_settings(metas: Sequence[dict[str, Any]], split: str) -> dict[str, Any]:
+    settings = [data_settings(m) for m in metas]
+    first = {k: settings[0][k] for k in SPLIT_KEYS}
+    for i, s in enumerate(settings[1:], start=2):
+        other = {k: s[k] for k in SPLIT_KEYS}
+        if other != first and split != "all":
+            raise DataError(
+                f"model {i} was trained with other split settings ({other}) than model 1 ({first}): its "
+                f"{split!r} part is not the same images, and may hold images the other saw in training; "
+                "evaluate with --split all on held-out data instead"
+            )
+    return {**first, "path": settings[0]["path"]}
+
+
+class _Reader:
+    """Bytes by ref: archive members kept from the scan (one pass over the archive), files read on demand."""
+
+    def __init__(self, blobs: dict[str, bytes]):
+        self.blobs = blobs
+
+    def __call__(self, ref: str) -> bytes:
+        data = self.blobs.get(ref)
+        return data if data is not None else read_ref(ref)
+
+
+class _EvalImages(Dataset):
+    """(tensor, index, ok) per ref; a file that no longer decodes gives ok=False instead of killing the batch."""
+
+    def __init__(self, refs: list[str], read: _Reader, transform: Callable, size: int, condition: str = "clean"):
+        self.refs, self.read, self.transform, self.size, self.condition = refs, read, transform, size, condition
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def __getitem__(self, i: int):
+        try:
+            img = decode_image(self.read(self.refs[i]))
+            perturb = CONDITIONS[self.condition]
+            if perturb is not None:
+                img = perturb(img)
+            return self.transform(img), i, ""
+        except (BadImage, OSError, KeyError) as e:
+            return torch.zeros(3, self.size, self.size), i, f"{type(e).__name__}: {e}"[:200]
+
+
+def predict_prob_ai(
+    predictor, refs: list[str], read: _Reader, condition: str = "clean", batch_size: int = 64, num_workers: int = 0
+) -> tuple[np.ndarray, list[str]]:
+    """P(ai) per ref (NaN where the file failed) and the per-ref error text ('' when fine)."""
+    ds = _EvalImages(refs, read, predictor.transform, predictor.image_size, condition)
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    probs = np.full(len(refs), np.nan)
+    errors = [""] * len(refs)
+    for x, idx, errs in loader:
+        idx = idx.numpy()
+        x = x.to(predictor.device, non_blocking=True)
+        if predictor.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        p = predictor.predict_tensor(x)[:, predictor.ai_index].numpy()
+        for j, (i, err) in enumerate(zip(idx, errs)):
+            if err:
+                errors[i] = err
+            else:
+                probs[i] = p[j]
+    return probs, errors
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+def _select(samples: pd.DataFrame, settings: dict[str, Any], split: str) -> pd.DataFrame:
+    if split == "all":
+        return samples[["ref", "label"]].reset_index(drop=True)
+    parts = split_samples(
+        samples, settings["val_ratio"], settings["test_ratio"], settings["seed"], settings["max_per_class"]
+    )
+    out = parts[parts["split"] == split][["ref", "label"]].reset_index(drop=True)
+    if out.empty:
+        raise DataError(f"the {split!r} part is empty with the model's split settings {settings}")
+    return out
+
+
+def _robustness_markdown(table: dict[str, dict[str, Any]]) -> str:
+    def fmt(v: Any, pct: bool = False) -> str:
+        if v is None:
+            return "n/a"
+        return f"{100 * v:.2f}%" if pct else f"{v:.4f}"
+
+    lines = [
+        "| condition | n | accuracy | Δ accuracy | ROC-AUC | F1 macro | ECE |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for cond, r in table.items():
+        delta = f"{100 * r['accuracy_delta']:+.2f} pt" if r.get("accuracy_delta") is not None else "n/a"
+        lines.append(
+            f"| {cond} | {r['n']} | {fmt(r['accuracy'], True)} | {delta} | {fmt(r['roc_auc'])} | "
+            f"{fmt(r['f1_macro'])} | {fmt(r['ece'])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def evaluate(
+    model_dirs: str | Path | Sequence[str | Path],
+    data: str | Path | None = None,
+    split: str = "val",
+    robustness: bool = False,
+    out_dir: str | Path | None = None,
+    batch_size: int = 64,
+    device: str = "auto",
+    num_workers: int = 0,
+    threshold: float = 0.5,
+    n_bootstrap: int = 1000,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Metrics of a model (or the mean-probability ensemble of several) on `split` of `data` (default: the
+    data the first model was trained on). Writes metrics.json, predictions.csv and the plots to `out_dir`
+    (and robustness.csv/.md with `robustness=True`); returns the same summary as metrics.json."""
+    from deepfake.inference import Predictor
+
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
+    if batch_size < 1:
+        raise DataError(f"batch size must be at least 1, got {batch_size}")
+    dirs = [Path(model_dirs)] if isinstance(model_dirs, (str, Path)) else [Path(d) for d in model_dirs]
+    if not dirs:
+        raise ck.CheckpointError("no model folder given")
+    metas = [ck.read_metadata(d) for d in dirs]  # a missing or foreign folder fails here, before any scan
+    settings = _common_settings(metas, split)
+    source = str(data) if data is not None else (settings["path"] or str(SAMPLE_DIR))
+    catalog = scan(source, keep_blobs=True, progress=progress)
+    chosen = _select(catalog.samples, settings, split)
+    refs, labels = chosen["ref"].tolist(), chosen["label"].tolist()
+    read = _Reader(catalog.blobs)
+    predictors = [Predictor.from_dir(d, device=device) for d in dirs]
+    log.info("evaluating %d model(s) on %d images (%s part of %s)", len(dirs), len(refs), split, source)
+
+    conditions = list(CONDITIONS) if robustness else ["clean"]
+    per_condition: dict[str, tuple[np.ndarray, np.ndarray, list[str]]] = {}
+    for cond in conditions:
+        per_model, errors = [], [""] * len(refs)
+        for pred in predictors:
+            probs, errs = predict_prob_ai(pred, refs, read, cond, batch_size, num_workers)
+            per_model.append(probs)
+            errors = [a or b for a, b in zip(errors, errs)]
+        stacked = np.vstack(per_model)  # (models, images)
+        per_condition[cond] = (stacked.mean(axis=0), stacked, errors)
+
+    mean_prob, stacked, errors = per_condition["clean"]
+    ok = np.array([not e for e in errors])
+    if not ok.any():
+        raise DataError(f"none of the {len(refs)} selected images could be decoded at evaluation time")
+    y_ok = [label for label, good in zip(labels, ok) if good]
+    metrics = compute_metrics(y_ok, mean_prob[ok], threshold=threshold, n_bootstrap=n_bootstrap)
+
+    failed = [e for e in errors if e]
+    skipped = {
+        "count": int(len(catalog.skipped) + len(failed)),
+        "at_scan": int(len(catalog.skipped)),
+        "at_scan_by_reason": {k: int(v) for k, v in sorted(Counter(catalog.skipped["reason"]).items())},
+        "at_evaluation": len(failed),
+        "note": "files skipped at scan time have no content hash, so no split: they are counted for the whole dataset",
+    }
+    result: dict[str, Any] = {
+        "models": [{"path": str(d), "version": p.version} for d, p in zip(dirs, predictors)],
+        "combine": "mean prob_ai" if len(dirs) > 1 else None,
+        "data": source,
+        "layout": catalog.layout,
+        "split": split,
+        "split_settings": {k: settings[k] for k in SPLIT_KEYS},
+        "trained_on": settings["path"] or str(SAMPLE_DIR),
+        "n": int(ok.sum()),
+        "n_selected": len(refs),
+        "skipped": skipped,
+        "metrics": metrics,
+    }
+
+    if robustness:
+        table: dict[str, dict[str, Any]] = {}
+        for cond, (probs, _, errs) in per_condition.items():
+            good = np.array([not e for e in errs])
+            m = compute_metrics(
+                [label for label, g in zip(labels, good) if g], probs[good], threshold=threshold, n_bootstrap=0
+            )
+            table[cond] = {k: m[k] for k in ("n", "accuracy", "roc_auc", "f1_macro", "ece")}
+            table[cond]["accuracy_delta"] = m["accuracy"] - metrics["accuracy"]
+        result["robustness"] = table
+
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        result["files"] = _write_outputs(out, result, refs, labels, mean_prob, stacked, errors, predictors, threshold)
+        result["files"].update(write_plots(y_ok, mean_prob[ok], out, metrics))
+        (out / "metrics.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _write_outputs(out, result, refs, labels, mean_prob, stacked, errors, predictors, threshold) -> dict[str, str]:
+    version = (
+        predictors[0].version if len(predictors) == 1 else "ensemble(" + "+".join(p.version for p in predictors) + ")"
+    )
+    preds = pd.DataFrame(
+        {
+            "filename": refs,
+            "label": labels,
+            "class": [("" if e else ("ai" if p >= threshold else "real")) for p, e in zip(mean_prob, errors)],
+            "prob_ai": [None if e else round(float(p), 6) for p, e in zip(mean_prob, errors)],
+            "model": version,
+            "error": errors,
+        }
+    )
+    if len(predictors) > 1:
+        for k in range(len(predictors)):
+            preds[f"prob_ai_{k + 1}"] = [None if e else round(float(p), 6) for p, e in zip(stacked[k], errors)]
+    files = {"metrics": str(out / "metrics.json"), "predictions": str(out / "predictions.csv")}
+    preds.to_csv(out / "predictions.csv", index=False)
+    if "robustness" in result:
+        table = pd.DataFrame.from_dict(result["robustness"], orient="index").rename_axis("condition")
+        table.to_csv(out / "robustness.csv")
+        (out / "robustness.md").write_text(_robustness_markdown(result["robustness"]))
+        files.update({"robustness_csv": str(out / "robustness.csv"), "robustness_md": str(out / "robustness.md")})
+    return files
+
+
+# ---------------------------------------------------------------------------------------------- model card
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def update_card(
+    model_dir: str | Path, metrics: dict[str, Any], robustness: dict[str, dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """Record an evaluation in a model folder: the full result under metadata "evaluation", headline figures
+    (prefixed with the split) in "metrics", accuracy per condition in "robustness"; then regenerate the card.
+    `metrics` is what `evaluate` returned (or a bare `compute_metrics` dict). config.json keeps every other
+    field as it was. Returns the new metadata."""
+    d = Path(model_dir)
+    meta = ck.read_metadata(d)
+    result = metrics if isinstance(metrics.get("metrics"), dict) else {"metrics": metrics}
+    if len(result.get("models", [])) > 1:
+        raise ck.CheckpointError("these are an ensemble's metrics: they do not belong on one model's card")
+    m = result["metrics"]
+    robustness = robustness if robustness is not None else result.get("robustness")
+    split = result.get("split", "eval")
+    prefix = f"{split}_"
+
+    def r4(v: Any) -> Any:
+        return round(float(v), 4) if isinstance(v, float) else v
+
+    flat = {
+        "accuracy": m["accuracy"],
+        "accuracy_ci95_low": m["accuracy_ci"][0] if m.get("ci_level") == 0.95 else None,
+        "accuracy_ci95_high": m["accuracy_ci"][1] if m.get("ci_level") == 0.95 else None,
+        "roc_auc": m.get("roc_auc"),
+        "roc_auc_ci95_low": (m.get("roc_auc_ci") or [None])[0] if m.get("ci_level") == 0.95 else None,
+        "roc_auc_ci95_high": (m.get("roc_auc_ci") or [None, None])[1] if m.get("ci_level") == 0.95 else None,
+        "average_precision": m.get("average_precision"),
+        "f1_macro": m.get("f1_macro"),
+        "ece": m.get("ece"),
+        "images": m["n"],
+    }
+    meta.setdefault("metrics", {})
+    meta["metrics"].update({prefix + k: r4(v) for k, v in flat.items() if v is not None})
+    evaluation = {k: v for k, v in result.items() if k not in ("files",)}
+    if robustness:
+        evaluation["robustness"] = robustness
+        meta["robustness"] = {cond: r4(row["accuracy"]) for cond, row in robustness.items()}
+    meta.setdefault("evaluations", {})[split] = evaluation
+    if split != "val" and (meta.get("limitations") is None or meta.get("limitations_generated")):
+        where = f"`{result['data']}`" if result.get("data") else "the data named above"
+        part = "every usable image" if split == "all" else f"the {split} part, split as in training"
+        meta["limitations"] = (
+            f"Metrics prefixed `{prefix}` were measured on {m['n']} images ({part}) of {where}; the "
+            "others on the training run's validation part. Not evidence about images from other sources, sizes "
+            "or generators."
+        )
+        meta["limitations_generated"] = True
+
+    cfg_path = d / ck.CONFIG
+    raw = json.loads(cfg_path.read_text())
+    raw["deepfake"] = meta
+    _atomic_write(cfg_path, json.dumps(raw, indent=2) + "\n")
+    _atomic_write(d / ck.CARD, ck.render_card(meta))
+    log.info("recorded the %s evaluation in %s", split, d)
+    return meta

@@ -1,0 +1,411 @@
+"""Batch prediction at scale with Ray Data: a folder, a tar archive or a CSV manifest -> a predictions CSV.
+
+Pipeline: a read stage yields blocks of (filename, bytes) — files read by parallel tasks, an archive
+streamed once, front to back, by one task (a .tar.gz cannot be random-accessed cheaply) — then an actor
+pool of `BatchPredictor`s decodes with `decode_image` and runs the shared `Predictor`, and the driver
+appends rows to the CSV as batches arrive (flushed each time), so memory stays bounded and an interrupted
+run loses nothing. A file that does not decode becomes a row with its reason in `error`, never a crash.
+
+Resume is the default: rows already in the output CSV (same model) are kept as they are and skipped;
+`overwrite=True` starts the file afresh.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import tarfile
+import time
+import zlib
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+from tqdm import tqdm
+
+from deepfake.checkpoint import CheckpointError, read_metadata
+from deepfake.data import DataError, is_archive
+from deepfake.images import IMAGE_SUFFIXES, BadImage, decode_image
+from deepfake.inference import Predictor, model_version
+
+log = logging.getLogger(__name__)
+
+COLUMNS = ["filename", "class", "prob_ai", "model", "error"]
+ROWS_PER_BLOCK = 512  # rows per Ray Data block from the read stage
+MAX_BLOCK_BYTES = 32 * 1024 * 1024  # ... or fewer when the images are large
+
+
+# ---------------------------------------------------------------------------------------------- core (no Ray)
+def is_image_name(name: str) -> bool:
+    parts = PurePosixPath(name).parts
+    return (
+        bool(parts)
+        and not any(p.startswith(".") or p.startswith("__MACOSX") for p in parts)
+        and PurePosixPath(name).suffix.lower() in IMAGE_SUFFIXES
+    )
+
+
+def ensemble_version(predictors: Sequence[Predictor] | Sequence[str]) -> str:
+    names = [p if isinstance(p, str) else p.version for p in predictors]
+    return names[0] if len(names) == 1 else "ensemble(" + "+".join(names) + ")"
+
+
+def ensemble_probs(predictors: Sequence[Predictor], images: Sequence[Image.Image]) -> np.ndarray:
+    """Class probabilities (N, C): one model's, or the mean over several (same classes, same order)."""
+    probs = [p.predict_tensor(p.preprocess(images)).numpy().astype(np.float64) for p in predictors]
+    return probs[0] if len(probs) == 1 else np.mean(probs, axis=0)
+
+
+def predict_rows(
+    predictors: Sequence[Predictor], filenames: Sequence[str], datas: Sequence[bytes | None], errors: Sequence[str]
+) -> dict[str, np.ndarray]:
+    """Decode + predict one batch; an input that arrives with an error or does not decode becomes an error row."""
+    version = ensemble_version(predictors)
+    classes = predictors[0].classes
+    ai = predictors[0].ai_index
+    n = len(filenames)
+    out_class = np.full(n, "", dtype=object)
+    out_prob = np.full(n, np.nan, dtype=np.float64)
+    out_error = np.array([e or "" for e in errors], dtype=object)
+    images, index = [], []
+    for i, (data, err) in enumerate(zip(datas, errors)):
+        if err:
+            continue
+        try:
+            images.append(decode_image(data or b""))
+            index.append(i)
+        except BadImage as e:
+            out_error[i] = e.reason
+    if images:
+        probs = ensemble_probs(predictors, images)
+        for i, p in zip(index, probs):
+            out_class[i] = classes[int(np.argmax(p))]
+            out_prob[i] = float(p[ai])
+    return {
+        "filename": np.asarray(filenames, dtype=object),
+        "class": out_class,
+        "prob_ai": out_prob,
+        "model": np.full(n, version, dtype=object),
+        "error": out_error,
+    }
+
+
+def load_predictors(model_dirs: Sequence[str | Path], device: str = "auto") -> list[Predictor]:
+    predictors = [Predictor.from_dir(d, device=device) for d in model_dirs]
+    check_compatible([p.meta for p in predictors], model_dirs)
+    return predictors
+
+
+def check_compatible(metas: Sequence[dict], model_dirs: Sequence[str | Path]) -> None:
+    first = list(metas[0]["classes"])
+    for meta, d in zip(metas[1:], model_dirs[1:]):
+        if list(meta["classes"]) != first:
+            raise CheckpointError(f"{d}: classes {meta['classes']} differ from {first}; cannot average them")
+    if "ai" not in first:
+        raise CheckpointError(f"{model_dirs[0]}: the model has no 'ai' class ({first})")
+
+
+class BatchPredictor:
+    """The map_batches actor: loads the model(s) once, then decodes + predicts batches of bytes."""
+
+    def __init__(self, model_dirs: list[str], threads: int | None = None):
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        self.predictors = load_predictors(model_dirs)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return predict_rows(self.predictors, list(batch["filename"]), list(batch["data"]), list(batch["error"]))
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+def list_files(path: Path) -> list[tuple[str, str]]:
+    """(output filename, file path) for every image under a folder (recursively), a manifest, or one file."""
+    if path.is_dir():
+        out = []
+        for dirpath, dirnames, filenames in os.walk(path):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and not d.startswith("__MACOSX"))
+            for name in sorted(filenames):
+                rel = (Path(dirpath) / name).relative_to(path).as_posix()
+                if is_image_name(rel):
+                    out.append((rel, str(Path(dirpath) / name)))
+        return out
+    if path.suffix.lower() == ".csv" or str(path).lower().endswith(".csv.gz"):
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+        cols = {c.lower().strip(): c for c in df.columns}
+        if "path" not in cols:
+            raise DataError(f"{path}: a manifest needs a 'path' column (found: {', '.join(df.columns)})")
+        base = path.parent
+        return [(p, str(Path(p) if Path(p).is_absolute() else base / p)) for p in df[cols["path"]] if p]
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return [(path.name, str(path))]
+    raise DataError(f"{path}: expected a folder, a .tar/.tar.gz archive, a CSV manifest (path column) or an image")
+
+
+def _blocks(rows: Iterable[tuple[str, bytes | None, str]], rows_per_block: int) -> Iterator[Any]:
+    """Group (filename, bytes, error) rows into Arrow tables of at most rows_per_block rows / MAX_BLOCK_BYTES."""
+    import pyarrow as pa
+
+    names: list[str] = []
+    datas: list[bytes | None] = []
+    errs: list[str] = []
+    size = 0
+
+    def table():
+        return pa.table(
+            {
+                "filename": pa.array(names, pa.string()),
+                "data": pa.array(datas, pa.large_binary()),
+                "error": pa.array(errs, pa.string()),
+            }
+        )
+
+    for name, data, err in rows:
+        names.append(name)
+        datas.append(data)
+        errs.append(err)
+        size += len(data or b"")
+        if len(names) >= rows_per_block or size >= MAX_BLOCK_BYTES:
+            yield table()
+            names, datas, errs, size = [], [], [], 0
+    if names:
+        yield table()
+
+
+def read_files(pairs: Sequence[tuple[str, str]]) -> Iterator[tuple[str, bytes | None, str]]:
+    for name, p in pairs:
+        try:
+            with open(p, "rb") as f:
+                yield name, f.read(), ""
+        except OSError as e:
+            yield name, None, f"unreadable: {e.strerror or e}"
+
+
+def read_archive(archive: str, skip: frozenset[str] | set[str]) -> Iterator[tuple[str, bytes | None, str]]:
+    """Stream image members front to back; a damaged archive ends with one error row instead of a crash."""
+    n = 0
+    try:
+        with tarfile.open(archive, mode="r:*") as tar:
+            for m in tar:
+                if not m.isfile() or not is_image_name(m.name) or m.name in skip:
+                    continue
+                f = tar.extractfile(m)
+                yield m.name, f.read() if f is not None else b"", ""
+                n += 1
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
+        log.error("%s: archive unreadable after %d members: %s", archive, n, e)
+        yield f"{Path(archive).name}::<after {n} members>", None, f"archive_damaged: {e}"
+
+
+def _datasource(pairs: list[tuple[str, str]] | None, archive: str | None, skip: set[str], rows_per_block: int):
+    """A Ray Data source of (filename, data, error) blocks: file chunks in parallel, or one archive stream."""
+    from ray.data.block import BlockMetadata
+    from ray.data.datasource import Datasource, ReadTask
+
+    class ImageBytesDatasource(Datasource):
+        def estimate_inmemory_data_size(self) -> int | None:
+            return os.path.getsize(archive) if archive else None
+
+        def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list[ReadTask]:
+            def meta(n):
+                return BlockMetadata(num_rows=n, size_bytes=None, exec_stats=None, input_files=None)
+
+            if archive is not None:
+                frozen = frozenset(skip)
+                return [ReadTask(lambda: _blocks(read_archive(archive, frozen), rows_per_block), meta(None))]
+            chunks = [pairs[i : i + rows_per_block] for i in range(0, len(pairs), rows_per_block)]
+            return [ReadTask(lambda c=c: _blocks(read_files(c), rows_per_block), meta(len(c))) for c in chunks]
+
+    return ImageBytesDatasource()
+
+
+# ---------------------------------------------------------------------------------------------- output + resume
+def _drop_partial_last_line(path: Path) -> None:
+    """A run killed mid-write can leave half a row: cut it (it was never a finished row)."""
+    with open(path, "rb+") as f:
+        f.seek(0, os.SEEK_END)
+        end = f.tell()
+        if end == 0:
+            return
+        f.seek(end - 1)
+        if f.read(1) == b"\n":
+            return
+        pos = end
+        while pos > 0:
+            step = min(65536, pos)
+            f.seek(pos - step)
+            chunk = f.read(step)
+            k = chunk.rfind(b"\n")
+            if k >= 0:
+                f.truncate(pos - step + k + 1)
+                log.warning("%s: dropped an unfinished last row", path)
+                return
+            pos -= step
+        f.truncate(0)
+
+
+def finished_rows(out_csv: Path, version: str) -> set[str]:
+    """Filenames already in the output (any row, error rows too); refuses a file from another model."""
+    if not out_csv.exists() or out_csv.stat().st_size == 0:
+        return set()
+    _drop_partial_last_line(out_csv)
+    if out_csv.stat().st_size == 0:
+        return set()
+    try:
+        df = pd.read_csv(out_csv, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise DataError(f"{out_csv}: not a predictions CSV ({e}); use --overwrite or another -o") from None
+    if list(df.columns) != COLUMNS:
+        raise DataError(
+            f"{out_csv}: columns {list(df.columns)} are not {COLUMNS}; use --overwrite or another output file"
+        )
+    others = set(df["model"]) - {version, ""}
+    if others:
+        raise DataError(
+            f"{out_csv} holds predictions of {sorted(others)}, not {version}: use --overwrite or another -o"
+        )
+    return set(df["filename"])
+
+
+def _format_prob(x: float) -> str:
+    return "" if x != x else repr(float(x))  # NaN (error rows) -> empty; repr round-trips exactly
+
+
+# ---------------------------------------------------------------------------------------------- driver
+def resources(concurrency: int | None, gpus_per_replica: float | None, read_cpus: float) -> dict[str, Any]:
+    """Actor pool size and per-actor resources for this cluster. GPUs: one replica per `gpus_per_replica`
+    GPUs. CPUs: the cores left by the reader, shared by the replicas (torch threads to match)."""
+    import ray
+
+    total = ray.cluster_resources()
+    gpus = float(total.get("GPU", 0))
+    cpus = float(total.get("CPU", 1))
+    if gpus > 0 and gpus_per_replica != 0:
+        per = gpus_per_replica or 1.0
+        n = concurrency or max(1, int(gpus // per))
+        cpu_each = max(0.5, min(4.0, (cpus - read_cpus) / n))  # decoding + preprocessing feed the GPU
+        return {"concurrency": n, "num_gpus": per, "num_cpus": cpu_each, "threads": max(1, int(cpu_each))}
+    n = concurrency or max(1, int(cpus // 2))  # 2 threads per replica: less per-actor overhead on small nodes
+    cpu_each = max(0.1, (cpus - read_cpus) / n)
+    return {"concurrency": n, "num_gpus": 0, "num_cpus": cpu_each, "threads": max(1, round(cpu_each))}
+
+
+def predict(
+    model_dirs: str | Path | Sequence[str | Path],
+    path: str | Path,
+    out_csv: str | Path,
+    batch_size: int = 64,
+    concurrency: int | None = None,
+    gpus_per_replica: float | None = None,
+    overwrite: bool = False,
+    address: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Predict every image under `path` into `out_csv` (resuming it unless `overwrite`); returns a summary."""
+    import ray
+
+    from deepfake.train import ensure_ray
+
+    t0 = time.perf_counter()
+    dirs = [str(model_dirs)] if isinstance(model_dirs, (str, Path)) else [str(d) for d in model_dirs]
+    if not dirs:
+        raise CheckpointError("no model given")
+    metas = [read_metadata(d) for d in dirs]  # fail fast, before Ray starts
+    check_compatible(metas, dirs)
+    version = ensemble_version([model_version(m) for m in metas])
+    src = Path(path).expanduser()
+    if not src.exists():
+        raise DataError(f"input not found: {path}")
+    out = Path(out_csv)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if overwrite and out.exists():
+        out.unlink()
+    done = finished_rows(out, version)
+    if done:
+        log.info("%s: %d rows already written; predicting the rest", out, len(done))
+
+    archive = str(src.resolve()) if src.is_file() and is_archive(src) else None
+    pairs = None if archive else [(n, p) for n, p in list_files(src) if n not in done]
+    todo = None if archive else len(pairs)
+    summary: dict[str, Any] = {
+        "source": str(path),
+        "output": str(out),
+        "model": version,
+        "already_done": len(done),
+        "predicted": 0,
+        "errors": 0,
+    }
+    if todo == 0:
+        log.info("nothing left to predict")
+        return {**summary, "seconds": round(time.perf_counter() - t0, 3)}
+
+    ensure_ray(address)
+    ray.data.DataContext.get_current().enable_progress_bars = False  # one bar: ours, in rows written
+    read_cpus = 0.5 if archive else 0.25
+    res = resources(concurrency, gpus_per_replica, read_cpus)
+    log.info(
+        "predicting with %d replica(s) (%s CPU, %s GPU, %d torch threads each), batch %d",
+        res["concurrency"],
+        round(res["num_cpus"], 2),
+        res["num_gpus"],
+        res["threads"],
+        batch_size,
+    )
+    ds = ray.data.read_datasource(
+        _datasource(pairs, archive, done, min(ROWS_PER_BLOCK, max(batch_size, 32))), num_cpus=read_cpus
+    ).map_batches(
+        BatchPredictor,
+        fn_constructor_kwargs={"model_dirs": dirs, "threads": res["threads"]},
+        batch_size=batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=res["concurrency"]),
+        num_cpus=res["num_cpus"],
+        num_gpus=res["num_gpus"] or None,
+    )
+
+    write_header = not out.exists() or out.stat().st_size == 0
+    t_first, first_rows = None, 0
+    with open(out, "a", newline="") as f, tqdm(total=todo, unit="img", disable=not progress, mininterval=2) as bar:
+        writer = csv.writer(f)
+        if write_header:
+            writer.writerow(COLUMNS)
+            f.flush()
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            rows = list(
+                zip(
+                    batch["filename"],
+                    batch["class"],
+                    map(_format_prob, batch["prob_ai"]),
+                    batch["model"],
+                    batch["error"],
+                )
+            )
+            writer.writerows(rows)
+            f.flush()
+            n_err = int(sum(1 for e in batch["error"] if e))
+            summary["errors"] += n_err
+            summary["predicted"] += len(rows) - n_err
+            bar.update(len(rows))
+            if t_first is None:
+                t_first, first_rows = time.perf_counter(), len(rows)
+    t_end = time.perf_counter()
+    new = summary["predicted"] + summary["errors"]
+    summary.update(
+        {
+            "rows_written": new,
+            "seconds": round(t_end - t0, 3),
+            "startup_s": round((t_first or t_end) - t0, 3),
+            "images_per_s": round(new / max(t_end - t0, 1e-9), 1),
+            "steady_images_per_s": round((new - first_rows) / (t_end - t_first), 1)
+            if t_first and t_end > t_first and new > first_rows
+            else None,
+            "replicas": res["concurrency"],
+        }
+    )
+    log.info("%d rows written to %s (%d errors) in %.1f s", new, out, summary["errors"], t_end - t0)
+    return summary
