@@ -1,0 +1,277 @@
+"""Load test of the Serve app: N concurrent HTTP clients for T seconds against /predict (loopback only),
+next to plain in-process batched PyTorch inference of the same model, for the ratio.
+
+    .venv/bin/python bench/serve_load.py --model models/cifake-b0 --clients 64,256 --duration 60 --kill-replica
+    .venv/bin/python bench/serve_load.py --url http://127.0.0.1:8000 --clients 64     # an app already running
+    .venv/bin/python bench/serve_load.py --model DIR --quick
+
+Prints one JSON document (and writes it with --out): per run req/s, latency p50/p95/p99, errors by status,
+the Detector's batch-size histogram and replica count; with --kill-replica, one more run during which a
+Detector replica is killed (ray.kill) and the failed requests are counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+log = logging.getLogger("serve_load")
+
+
+def load_images(folder: Path, limit: int) -> list[bytes]:
+    from deepfake.images import IMAGE_SUFFIXES
+
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[:limit]
+    if not files:
+        raise SystemExit(f"no images under {folder}")
+    return [p.read_bytes() for p in files]
+
+
+async def run_clients(url: str, images: list[bytes], clients: int, duration: float, on_tick=None) -> dict:
+    """`clients` loops, each sending one request at a time until the deadline (bounded: no open-ended queue)."""
+    latencies: list[float] = []
+    statuses: Counter[str] = Counter()
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    start = time.perf_counter()
+    deadline = start + duration
+
+    async def client(i: int, http: httpx.AsyncClient) -> None:
+        k = i
+        while time.perf_counter() < deadline:
+            body = images[k % len(images)]
+            k += clients
+            t0 = time.perf_counter()
+            try:
+                r = await http.post(f"{url}/predict", content=body)
+                statuses[str(r.status_code)] += 1
+                if r.status_code == 200:
+                    latencies.append(time.perf_counter() - t0)
+            except httpx.HTTPError as e:
+                statuses[type(e).__name__] += 1
+
+    async with httpx.AsyncClient(timeout=120, limits=limits) as http:
+        tasks = [asyncio.create_task(client(i, http)) for i in range(clients)]
+        if on_tick is not None:
+            tasks.append(asyncio.create_task(on_tick(start)))
+        await asyncio.gather(*tasks)
+    elapsed = time.perf_counter() - start
+    lat = np.array(latencies) * 1000 if latencies else np.array([np.nan])
+    ok = statuses.get("200", 0)
+    return {
+        "clients": clients,
+        "duration_s": round(elapsed, 2),
+        "requests": sum(statuses.values()),
+        "ok": ok,
+        "req_per_s": round(ok / elapsed, 2),
+        "latency_ms": {f"p{q}": round(float(np.percentile(lat, q)), 1) for q in (50, 95, 99)},
+        "errors_by_status": {k: v for k, v in sorted(statuses.items()) if k != "200"},
+    }
+
+
+def inprocess_throughput(model: str, images: list[bytes], batch_size: int, seconds: float, threads: int) -> dict:
+    """The same Predictor, no HTTP/Serve: decode + preprocess + forward in batches, img/s."""
+    import torch
+
+    torch.set_num_threads(threads)
+    from deepfake.images import decode_image
+    from deepfake.inference import Predictor
+
+    pred = Predictor.from_dir(model, device="auto")
+    pil = [decode_image(b) for b in images]
+    pred.predict_images(pil[:batch_size])  # warm-up
+    n, t0 = 0, time.perf_counter()
+    i = 0
+    while time.perf_counter() - t0 < seconds:
+        batch = [decode_image(images[(i + j) % len(images)]) for j in range(batch_size)]
+        pred.predict_images(batch)
+        n += batch_size
+        i += batch_size
+    elapsed = time.perf_counter() - t0
+    return {
+        "img_per_s": round(n / elapsed, 1),
+        "batch_size": batch_size,
+        "device": str(pred.device),
+        "torch_threads": torch.get_num_threads(),
+        "image_size": pred.image_size,
+    }
+
+
+def detector_replicas(app: str) -> list[str]:
+    """Names of the app's live Detector replica actors (Serve names them SERVE_REPLICA::<app>#Detector#<id>)."""
+    import ray
+
+    named = ray.util.list_named_actors(all_namespaces=True)
+    return [a["name"] for a in named if a["namespace"] == "serve" and f"::{app}#Detector#" in a["name"]]
+
+
+def kill_one_detector(app: str) -> str | None:
+    import ray
+
+    reps = detector_replicas(app)
+    if not reps:
+        return None
+    ray.kill(ray.get_actor(reps[0], namespace="serve"), no_restart=True)
+    log.warning("killed Detector replica %s", reps[0])
+    return reps[0]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--url", help="an app already running (default: start one from --config/--model)")
+    ap.add_argument("--config", help="Serve config (default: serve_config.yaml)")
+    ap.add_argument("--model", help="model folder (overrides the config)")
+    ap.add_argument("--address", help="Ray address for --url + --kill-replica (the cluster serving --url)")
+    ap.add_argument("--images", default=str(REPO / "deepfake" / "sample"), help="folder of images to send")
+    ap.add_argument("--max-images", type=int, default=400)
+    ap.add_argument("--clients", default="64,256", help="comma-separated client counts, one run each")
+    ap.add_argument("--duration", type=float, default=60)
+    ap.add_argument("--warmup", type=float, default=5, help="seconds of load before measuring (autoscaling)")
+    ap.add_argument("--detector-cpus", type=float, help="logical CPUs per Detector replica (overrides config)")
+    ap.add_argument("--max-replicas", type=int, help="Detector max_replicas (overrides config)")
+    ap.add_argument("--kill-replica", action="store_true", help="one more run that kills a Detector replica")
+    ap.add_argument("--kill-at", type=float, default=10, help="seconds into the kill run")
+    ap.add_argument("--inproc-seconds", type=float, default=15)
+    ap.add_argument("--quick", action="store_true", help="16 clients, 10 s, no 256 run")
+    ap.add_argument("--out", help="write the JSON here too")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    if args.quick:
+        args.clients, args.duration, args.warmup, args.inproc_seconds, args.kill_at = "16", 10, 2, 5, 3
+
+    from deepfake import serve as dserve
+
+    images = load_images(Path(args.images), args.max_images)
+    spec = None
+    app_name = "deepfake"
+    if args.url:
+        url = args.url.rstrip("/")
+        if args.kill_replica:
+            import ray
+
+            ray.init(address=args.address or "auto", logging_level="WARNING")
+    else:
+        spec = dserve.load_serve_config(dserve.find_config(args.config), model=args.model)
+        spec["http_options"].update(host="127.0.0.1", port=_free_port())
+        det = spec["args"].setdefault("detector_options", {})
+        if args.detector_cpus is not None:
+            spec["args"]["detector_num_cpus"] = args.detector_cpus
+        if args.max_replicas is not None:
+            det["autoscaling_config"] = {**det.get("autoscaling_config", {}), "max_replicas": args.max_replicas}
+        app_name = spec["name"]
+        url = dserve.start_local(spec)
+        _wait_healthy(url)
+    model_info = httpx.get(f"{url}/model", timeout=30).json()
+    model_dir = model_info["path"]
+
+    report: dict = {
+        "url": url,
+        "model": model_info["version"],
+        "image_size": model_info["meta"]["image_size"],
+        "images": len(images),
+        "cpu_count": os.cpu_count(),
+        "loadavg_start": [round(x, 1) for x in os.getloadavg()],
+        "serve_args": spec["args"] if spec else None,
+        "runs": [],
+    }
+    for clients in [int(c) for c in args.clients.split(",")]:
+        if args.warmup:
+            asyncio.run(run_clients(url, images, clients, args.warmup))
+        res = asyncio.run(run_clients(url, images, clients, args.duration))
+        res["detector"] = _stats(url)
+        res["detector_replicas"] = _replica_count(app_name)
+        log.info("%s", json.dumps(res))
+        report["runs"].append(res)
+
+    if args.kill_replica:
+        clients = int(args.clients.split(",")[0])
+        killed: dict = {}
+
+        async def killer(start: float) -> None:
+            await asyncio.sleep(args.kill_at)
+            killed["at_s"] = round(time.perf_counter() - start, 1)
+            killed["replica"] = await asyncio.to_thread(kill_one_detector, app_name)
+
+        res = asyncio.run(run_clients(url, images, clients, args.duration, on_tick=killer))
+        res["killed"] = killed
+        res["failed_requests"] = res["requests"] - res["ok"]
+        res["ingress_retried"] = httpx.get(f"{url}/stats", timeout=30).json()["ingress"]["retried"]
+        res["detector_replicas_after"] = _replica_count(app_name)
+        log.info("kill run: %s", json.dumps(res))
+        report["replica_kill"] = res
+
+    # torch's default (all cores) and one thread (what a 1-CPU replica gets: Ray sets OMP_NUM_THREADS)
+    report["inprocess"] = [
+        inprocess_throughput(model_dir, images, 16, args.inproc_seconds, t) for t in sorted({os.cpu_count() or 1, 1})
+    ]
+    best = max((r["req_per_s"] for r in report["runs"]), default=0)
+    best_inproc = max(r["img_per_s"] for r in report["inprocess"])
+    report["serve_req_s_over_inprocess_img_s"] = round(best / best_inproc, 3)
+    report["loadavg_end"] = [round(x, 1) for x in os.getloadavg()]
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+    if spec is not None:
+        from ray import serve
+
+        serve.shutdown()
+    return 0
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_healthy(url: str, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=10).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise SystemExit(f"{url} did not become healthy in {timeout}s")
+
+
+def _stats(url: str) -> dict:
+    try:
+        return httpx.get(f"{url}/stats", timeout=30).json()["detector"]
+    except (httpx.HTTPError, KeyError, ValueError) as e:
+        return {"error": str(e)}
+
+
+def _replica_count(app: str) -> dict | None:
+    """Detector replicas by state (RUNNING, STARTING, ...) as Serve reports them."""
+    try:
+        from ray import serve
+
+        states = serve.status().applications[app].deployments["Detector"].replica_states
+        return {str(getattr(k, "value", k)): v for k, v in states.items()}
+    except Exception:  # noqa: BLE001 - only informative
+        return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

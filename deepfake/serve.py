@@ -1,0 +1,628 @@
+"""Ray Serve application: batched prediction, Grad-CAM explanations and a web page over HTTP.
+
+Three deployments composed through handles, so each scales on its own:
+
+- `Detector` holds a `Predictor` and answers one image per call; `@serve.batch` groups concurrent calls
+  into one forward pass (the only way a CPU/GPU model gets its throughput back under many clients).
+- `Explainer` holds its own model copy (Grad-CAM hooks it and needs a backward pass) and calls
+  `deepfake.explain.explain_images`.
+- `Ingress` parses HTTP (raw body or multipart), decodes every upload through `decode_image`, routes by
+  path and turns every failure into a JSON error with a status code: no stack trace reaches a client
+  and no bad upload can kill a replica.
+
+`app_builder` is the import path for `serve run|deploy serve_config.yaml`; `build_app` is the same for
+Python callers (tests, `deepfake serve`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import logging
+import time
+from collections import Counter
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from pydantic import BaseModel, Field
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+
+from deepfake.images import MAX_PIXELS, BadImage, decode_image
+
+log = logging.getLogger("ray.serve")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL = "models/cifake-b0"
+
+# BadImage reason -> HTTP status. A bomb is a small body whose *pixels* are too large: 413 as well.
+STATUS_FOR_REASON = {
+    "empty": 400,
+    "not_an_image": 415,
+    "truncated": 400,
+    "corrupt": 400,
+    "decompression_bomb": 413,
+}
+
+
+class ServeArgs(BaseModel):
+    """Application arguments (the `args:` block of serve_config.yaml)."""
+
+    model: str | None = Field(None, description="model folder (default: models/cifake-b0)")
+    device: str = "auto"
+    num_gpus: float | None = Field(None, description="GPUs per Detector replica; None: 0.5 if the cluster has a GPU")
+    explainer_num_gpus: float | None = None
+    detector_num_cpus: float = 1.0
+    explainer_num_cpus: float = 0.5
+    ingress_num_cpus: float = 0.1
+    max_batch_size: int = Field(16, ge=1)
+    batch_wait_timeout_s: float = Field(0.01, ge=0)
+    explain_batch_size: int = Field(4, ge=1)
+    max_body_bytes: int = Field(10 * 2**20, ge=1)
+    max_pixels: int = Field(MAX_PIXELS, ge=1)
+    max_files: int = Field(32, ge=1)
+    warmup: bool = True
+    explain: bool = Field(True, description="False: no Explainer replicas; /explain answers 501")
+    retries: int = Field(2, ge=0, description="re-sends of a call whose replica died mid-request")
+    # Deployment option overrides (tests, scripts); serve_config.yaml uses its `deployments:` section instead.
+    detector_options: dict[str, Any] = {}
+    explainer_options: dict[str, Any] = {}
+    ingress_options: dict[str, Any] = {}
+
+
+class HTTPError(Exception):
+    """An error that becomes a JSON response: {"error": tag, "detail": text, ...extra}."""
+
+    def __init__(self, status: int, error: str, detail: str = "", **extra: Any):
+        super().__init__(detail or error)
+        self.status = status
+        self.body = {"error": error, "detail": detail, **extra}
+
+
+# ---------------------------------------------------------------------------------------------- pure helpers
+def resolve_model_dir(model: str | None) -> Path:
+    """The model folder as an absolute path; relative paths are tried against the cwd, then the repo root."""
+    from deepfake.checkpoint import CheckpointError, read_metadata
+
+    p = Path(model or DEFAULT_MODEL).expanduser()
+    if not p.is_absolute():
+        p = next((c for c in (Path.cwd() / p, REPO_ROOT / p) if c.is_dir()), Path.cwd() / p)
+    if not p.is_dir():
+        hint = " (the default; train one or pass model=DIR)" if model is None else ""
+        raise CheckpointError(
+            f"model folder not found: {p}{hint}. Set args.model in serve_config.yaml or use deepfake serve --model DIR"
+        )
+    read_metadata(p)  # fail at build time, not in every replica
+    return p.resolve()
+
+
+def gpu_shares(args: ServeArgs, cluster_gpus: float) -> tuple[float, float]:
+    """GPUs per Detector and Explainer replica: explicit values win; otherwise fractional shares of a GPU
+    (two detectors and an explainer fit on one) when the cluster has any, else CPU only."""
+    auto = cluster_gpus >= 1
+    det = args.num_gpus if args.num_gpus is not None else (0.4 if auto else 0.0)
+    exp = args.explainer_num_gpus if args.explainer_num_gpus is not None else (0.2 if auto else 0.0)
+    return det, exp
+
+
+def cluster_gpu_count() -> float:
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return float(ray.cluster_resources().get("GPU", 0))
+    except Exception:  # noqa: BLE001 - a builder must not fail on a resource query
+        pass
+    import torch
+
+    return float(torch.cuda.device_count())
+
+
+def error_status(reason: str) -> int:
+    return STATUS_FOR_REASON.get(reason, 400)
+
+
+def wants_json(accept: str, fmt: str | None) -> bool:
+    """/explain answers PNG unless ?format=json or the client prefers JSON over PNG."""
+    if fmt:
+        return fmt.lower() == "json"
+    accept = accept.lower()
+    return "application/json" in accept and "image/png" not in accept
+
+
+def png_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def route_path(scope: dict) -> str:
+    """Path relative to the application's route prefix, so the app works under any prefix."""
+    path, root = scope.get("path", "/"), scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root) :]
+    return "/" + path.strip("/")
+
+
+def _replica_id() -> str:
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # noqa: BLE001 - outside a replica (unit use)
+        return "local"
+
+
+def _dummy_images(size: int, n: int) -> list[Image.Image]:
+    return [Image.new("RGB", (size, size), (i * 40 % 256, 128, 200)) for i in range(n)]
+
+
+# ---------------------------------------------------------------------------------------------- deployments
+@serve.deployment(name="Detector", health_check_period_s=10, health_check_timeout_s=30)
+class Detector:
+    """One model per replica; concurrent `predict` calls are grouped into one forward pass."""
+
+    def __init__(self, model_dir: str, device: str, max_batch_size: int, batch_wait_timeout_s: float, warmup: bool):
+        from deepfake.inference import Predictor
+
+        self.predictor = Predictor.from_dir(model_dir, device=device)
+        self.predict.set_max_batch_size(max_batch_size)
+        self.predict.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.batch_sizes: Counter[int] = Counter()
+        self.images = 0
+        self.replica = _replica_id()
+        self.last_ok = 0.0
+        if warmup:  # first-call latency (allocator, kernels) is paid here, not by a client
+            self.predictor.predict_images(_dummy_images(self.predictor.image_size, min(max_batch_size, 4)))
+            self.last_ok = time.monotonic()
+        log.info("Detector %s ready: %s on %s", self.replica, self.predictor.version, self.predictor.device)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def predict(self, images: list[Image.Image]) -> list[dict[str, Any]]:
+        n = len(images)
+        self.batch_sizes[n] += 1
+        self.images += n
+        # the forward pass runs off the event loop, so the next batch can gather meanwhile
+        verdicts = await asyncio.to_thread(self.predictor.predict_images, images)
+        self.last_ok = time.monotonic()
+        return [{**v, "batch_size": n, "replica": self.replica} for v in verdicts]
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "replica": self.replica,
+            "model": self.predictor.version,
+            "device": str(self.predictor.device),
+            "images": self.images,
+            "batches": sum(self.batch_sizes.values()),
+            "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
+            "max_batch_size": max(self.batch_sizes, default=0),
+        }
+
+    def check_health(self) -> None:
+        """Serve restarts the replica if this raises: the model must still produce finite output."""
+        if time.monotonic() - self.last_ok < 30:
+            return
+        import numpy as np
+
+        probs = self.predictor.predict_tensor(self.predictor.preprocess(_dummy_images(self.predictor.image_size, 1)))
+        if not np.isfinite(probs.numpy()).all():
+            raise RuntimeError("model produced non-finite output")
+        self.last_ok = time.monotonic()
+
+
+@serve.deployment(name="Explainer", health_check_period_s=10, health_check_timeout_s=60)
+class Explainer:
+    """Grad-CAM needs gradients and hooks the model, so it gets its own replicas and model copy."""
+
+    def __init__(self, model_dir: str, device: str, max_batch_size: int, warmup: bool):
+        from deepfake.inference import Predictor
+
+        self.predictor = Predictor.from_dir(model_dir, device=device)
+        self.explain.set_max_batch_size(max_batch_size)
+        self.batch_sizes: Counter[int] = Counter()
+        self.replica = _replica_id()
+        if warmup:
+            from deepfake.explain import explain_images
+
+            explain_images(self.predictor, _dummy_images(self.predictor.image_size, 1))
+        log.info("Explainer %s ready: %s", self.replica, self.predictor.version)
+
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.02)
+    async def explain(self, items: list[tuple[Image.Image, str | None]]) -> list[dict[str, Any]]:
+        self.batch_sizes[len(items)] += 1
+        return await asyncio.to_thread(self._explain_sync, items)
+
+    def _explain_sync(self, items: list[tuple[Image.Image, str | None]]) -> list[dict[str, Any]]:
+        from deepfake.explain import explain_images
+
+        out: list[dict[str, Any] | None] = [None] * len(items)
+        by_target: dict[str | None, list[int]] = {}
+        for i, (_, target) in enumerate(items):
+            by_target.setdefault(target, []).append(i)
+        for target, idx in by_target.items():
+            exps = explain_images(self.predictor, [items[i][0] for i in idx], target=target)
+            for i, e in zip(idx, exps):
+                out[i] = {
+                    "label": e.label,
+                    "prob_ai": float(e.prob_ai),
+                    "target": e.target,
+                    "model": self.predictor.version,
+                    "overlay_png": png_bytes(e.overlay),
+                    "width": e.overlay.width,
+                    "height": e.overlay.height,
+                }
+        return out  # type: ignore[return-value]
+
+    def stats(self) -> dict[str, Any]:
+        return {"replica": self.replica, "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())}}
+
+    def check_health(self) -> None:
+        if self.predictor.model is None:
+            raise RuntimeError("model not loaded")
+
+
+@serve.deployment(name="Ingress")
+class Ingress:
+    """HTTP front door: parsing, validation, routing and error mapping; the models live behind handles."""
+
+    def __init__(self, detector: DeploymentHandle, explainer: DeploymentHandle | None, model_dir: str, settings: dict):
+        from deepfake.checkpoint import read_metadata
+        from deepfake.inference import model_version
+
+        self.detector = detector
+        self.explainer = explainer
+        self.model_dir = model_dir
+        self.meta = read_metadata(model_dir)
+        self.version = model_version(self.meta)
+        self.classes = list(self.meta["classes"])
+        self.max_body = int(settings["max_body_bytes"])
+        self.max_pixels = int(settings["max_pixels"])
+        self.max_files = int(settings["max_files"])
+        self.retries = int(settings["retries"])
+        self.page = resources.files("deepfake").joinpath("static/index.html").read_bytes()
+        self.statuses: Counter[int] = Counter()
+        self.retried = 0
+
+    async def __call__(self, request: Request) -> Response:
+        try:
+            resp = await self._route(request)
+        except HTTPError as e:
+            resp = JSONResponse(e.body, status_code=e.status)
+        except Exception as e:  # noqa: BLE001 - the one place every unexpected failure becomes a JSON 5xx
+            from ray.serve.exceptions import BackPressureError
+
+            if isinstance(e, BackPressureError) or isinstance(getattr(e, "cause", None), BackPressureError):
+                resp = JSONResponse(
+                    {"error": "overloaded", "detail": "the model queue is full; retry shortly"},
+                    status_code=503,
+                    headers={"Retry-After": "1"},
+                )
+            else:
+                log.exception("request failed")
+                resp = JSONResponse({"error": "internal", "detail": type(e).__name__}, status_code=500)
+        self.statuses[resp.status_code] += 1
+        return resp
+
+    async def _route(self, request: Request) -> Response:
+        path, method = route_path(request.scope), request.method
+        routes = {
+            ("GET", "/"): self._page,
+            ("GET", "/index.html"): self._page,
+            ("GET", "/healthz"): self._healthz,
+            ("GET", "/model"): self._model,
+            ("GET", "/stats"): self._stats,
+            ("POST", "/predict"): self._predict,
+            ("POST", "/explain"): self._explain,
+        }
+        handler = routes.get((method, path))
+        if handler is None:
+            if any(p == path for _, p in routes):
+                allowed = ", ".join(m for m, p in routes if p == path)
+                raise HTTPError(405, "method_not_allowed", f"{method} {path}: use {allowed}")
+            raise HTTPError(404, "not_found", f"no route {path}; see GET / for the page, POST /predict, /explain")
+        return await handler(request)
+
+    # ---- routes
+    async def _page(self, request: Request) -> Response:
+        return HTMLResponse(self.page)
+
+    async def _healthz(self, request: Request) -> Response:
+        try:
+            await asyncio.wait_for(self._call(self.detector.stats), timeout=10)
+        except Exception as e:  # noqa: BLE001
+            return JSONResponse({"status": "unavailable", "detail": type(e).__name__}, status_code=503)
+        return JSONResponse({"status": "ok", "model": self.version})
+
+    async def _model(self, request: Request) -> Response:
+        return JSONResponse({"version": self.version, "path": self.model_dir, "meta": self.meta})
+
+    async def _stats(self, request: Request) -> Response:
+        det = await self._call(self.detector.stats)
+        exp = await self._call(self.explainer.stats) if self.explainer is not None else None
+        return JSONResponse(
+            {
+                "ingress": {"statuses": {str(k): v for k, v in sorted(self.statuses.items())}, "retried": self.retried},
+                "detector": det,
+                "explainer": exp,
+            }
+        )
+
+    async def _predict(self, request: Request) -> Response:
+        t0 = time.perf_counter()
+        files = await self._read_images(request)
+
+        async def one(name: str, img: Image.Image) -> dict[str, Any]:
+            v = await self._call(self.detector.predict, img)
+            return {
+                "filename": name,
+                **v,
+                "width": img.width,
+                "height": img.height,
+                "latency_ms": round((time.perf_counter() - t0) * 1000, 2),
+            }
+
+        results = await asyncio.gather(*(one(n, img) for n, img in files))
+        return JSONResponse({"results": results})
+
+    async def _explain(self, request: Request) -> Response:
+        t0 = time.perf_counter()
+        target = request.query_params.get("target") or None
+        if target is not None and target not in self.classes:
+            raise HTTPError(400, "bad_target", f"target must be one of {self.classes}, got {target!r}")
+        if self.explainer is None:
+            raise HTTPError(501, "explain_disabled", "this deployment serves predictions only (explain=false)")
+        as_json = wants_json(request.headers.get("accept", ""), request.query_params.get("format"))
+        files = await self._read_images(request)
+        if not as_json and len(files) > 1:
+            raise HTTPError(400, "one_image_for_png", "a PNG answer holds one image; use ?format=json for several")
+        outs = await asyncio.gather(*(self._call(self.explainer.explain, (img, target)) for _, img in files))
+        ms = round((time.perf_counter() - t0) * 1000, 2)
+        if not as_json:
+            o = outs[0]
+            headers = {
+                "X-Label": o["label"],
+                "X-Prob-AI": f"{o['prob_ai']:.6f}",
+                "X-Target": o["target"],
+                "X-Model": o["model"],
+                "X-Filename": files[0][0].encode("ascii", "replace").decode(),
+                "X-Latency-Ms": str(ms),
+            }
+            return Response(o["overlay_png"], media_type="image/png", headers=headers)
+        results = []
+        for (name, _), o in zip(files, outs):
+            png = o.pop("overlay_png")
+            results.append(
+                {"filename": name, **o, "overlay_png_base64": base64.b64encode(png).decode(), "latency_ms": ms}
+            )
+        return JSONResponse({"results": results})
+
+    # ---- plumbing
+    async def _call(self, method, *args):
+        """Call a deployment method; re-send when its replica died mid-call (the router picks a live one)."""
+        from ray.exceptions import ActorDiedError, ActorUnavailableError
+
+        for attempt in range(self.retries + 1):
+            try:
+                return await method.remote(*args)
+            except (ActorDiedError, ActorUnavailableError) as e:
+                if attempt == self.retries:
+                    raise HTTPError(503, "replica_unavailable", f"model replica died: {type(e).__name__}") from None
+                self.retried += 1
+                log.warning("replica died during a call (%s); retrying", type(e).__name__)
+                await asyncio.sleep(0.2 * (attempt + 1))
+
+    async def _read_body(self, request: Request) -> bytes:
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > self.max_body:
+            raise HTTPError(413, "body_too_large", f"{declared} bytes > limit {self.max_body}", limit=self.max_body)
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > self.max_body:
+                raise HTTPError(413, "body_too_large", f"more than {self.max_body} bytes", limit=self.max_body)
+        return bytes(body)
+
+    async def _read_images(self, request: Request) -> list[tuple[str, Image.Image]]:
+        """Raw body (one image) or multipart (every file field), each decoded safely, or an HTTPError."""
+        body = await self._read_body(request)
+        ctype = request.headers.get("content-type", "").lower()
+        if ctype.startswith("multipart/form-data"):
+            uploads = await self._parse_multipart(request, body)
+        else:
+            uploads = [(request.query_params.get("filename") or "upload", body)]
+
+        def decode_all() -> list[tuple[str, Image.Image]]:
+            out, bad = [], []
+            for name, data in uploads:
+                try:
+                    out.append((name, decode_image(data, max_pixels=self.max_pixels)))
+                except BadImage as e:
+                    bad.append({"filename": name, "reason": e.reason, "detail": e.detail[:200]})
+            if bad:
+                first = bad[0]
+                raise HTTPError(
+                    error_status(first["reason"]),
+                    first["reason"],
+                    f"{first['filename']}: {first['detail'] or first['reason']}",
+                    files=bad,
+                )
+            return out
+
+        return await asyncio.to_thread(decode_all)
+
+    async def _parse_multipart(self, request: Request, body: bytes) -> list[tuple[str, bytes]]:
+        sent = False
+
+        async def replay() -> dict:
+            nonlocal sent
+            if sent:
+                return {"type": "http.disconnect"}
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        try:
+            form = await Request(request.scope, replay).form(
+                max_files=self.max_files, max_fields=100, max_part_size=self.max_body
+            )
+        except Exception as e:  # noqa: BLE001 - starlette raises HTTPException / MultiPartException
+            raise HTTPError(400, "bad_form", f"could not parse multipart form: {getattr(e, 'detail', e)}") from None
+        try:
+            files = [(v.filename or k, await v.read()) for k, v in form.multi_items() if isinstance(v, UploadFile)]
+        finally:
+            await form.close()
+        if not files:
+            raise HTTPError(400, "no_file", "the multipart form has no file field")
+        return files
+
+
+# ---------------------------------------------------------------------------------------------- builders
+def build_app(args: ServeArgs | dict[str, Any] | None = None) -> serve.Application:
+    """The application graph: Ingress -> (Detector, Explainer), with resources and queue limits."""
+    a = args if isinstance(args, ServeArgs) else ServeArgs.model_validate(args or {})
+    model_dir = str(resolve_model_dir(a.model))
+    det_gpu, exp_gpu = gpu_shares(a, cluster_gpu_count())
+    bs = a.max_batch_size
+    detector = Detector.options(
+        **{
+            "ray_actor_options": {"num_cpus": a.detector_num_cpus, "num_gpus": det_gpu},
+            "max_ongoing_requests": 2 * bs,  # >= batch size, or the replica's admission limit caps batches
+            "max_queued_requests": 16 * bs,  # beyond this the Ingress answers 503 instead of queueing unboundedly
+            "autoscaling_config": {
+                "min_replicas": 1,
+                "max_replicas": 2,
+                "target_ongoing_requests": bs,
+                "upscale_delay_s": 3,
+                "downscale_delay_s": 60,
+            },
+            **a.detector_options,
+        }
+    ).bind(model_dir, a.device, bs, a.batch_wait_timeout_s, a.warmup)
+    explainer = (
+        None
+        if not a.explain
+        else Explainer.options(
+            **{
+                "ray_actor_options": {"num_cpus": a.explainer_num_cpus, "num_gpus": exp_gpu},
+                "max_ongoing_requests": 2 * a.explain_batch_size,
+                "max_queued_requests": 32,
+                "autoscaling_config": {
+                    "min_replicas": 1,
+                    "max_replicas": 2,
+                    "target_ongoing_requests": a.explain_batch_size,
+                },
+                **a.explainer_options,
+            }
+        ).bind(model_dir, a.device, a.explain_batch_size, a.warmup)
+    )
+    settings = a.model_dump(include={"max_body_bytes", "max_pixels", "max_files", "retries"})
+    return Ingress.options(
+        **{
+            "ray_actor_options": {"num_cpus": a.ingress_num_cpus},
+            "max_ongoing_requests": 256,
+            "max_queued_requests": 1024,
+            "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 128},
+            **a.ingress_options,
+        }
+    ).bind(detector, explainer, model_dir, settings)
+
+
+def app_builder(args: dict[str, Any]) -> serve.Application:
+    """Import path for serve_config.yaml (`deepfake.serve:app_builder`); `args` are `ServeArgs` fields."""
+    return build_app(args)
+
+
+# ---------------------------------------------------------------------------------------------- local runner
+def find_config(path: str | None) -> Path:
+    """`--config` as given, else serve_config.yaml in the cwd, then at the repository root."""
+    from deepfake.config import ConfigError
+
+    candidates = [Path(path)] if path else [Path.cwd() / "serve_config.yaml", REPO_ROOT / "serve_config.yaml"]
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise ConfigError(f"serve config not found: {', '.join(map(str, candidates))}")
+
+
+def load_serve_config(
+    path: str | Path, model: str | None = None, port: int | None = None, host: str | None = None
+) -> dict[str, Any]:
+    """Read a `serve deploy` config into what `serve.run` needs: the first application's builder args
+    (with its `deployments:` section folded into the per-deployment option overrides), HTTP options,
+    name and route prefix. `model`/`port`/`host` override the file."""
+    import yaml
+
+    from deepfake.config import ConfigError
+
+    try:
+        cfg = yaml.safe_load(Path(path).read_text()) or {}
+        app = cfg["applications"][0]
+    except (OSError, yaml.YAMLError, KeyError, IndexError, TypeError) as e:
+        raise ConfigError(f"{path}: not a Serve config with an applications list ({e})") from None
+    args = dict(app.get("args") or {})
+    if model:
+        args["model"] = model
+    key = {"Detector": "detector_options", "Explainer": "explainer_options", "Ingress": "ingress_options"}
+    for dep in app.get("deployments") or []:
+        dep = dict(dep)
+        name = dep.pop("name", None)
+        if name not in key:
+            raise ConfigError(f"{path}: unknown deployment {name!r} (expected one of {list(key)})")
+        args[key[name]] = {**args.get(key[name], {}), **dep}
+    http = dict(cfg.get("http_options") or {})
+    if port is not None:
+        http["port"] = port
+    if host is not None:
+        http["host"] = host
+    try:
+        ServeArgs.model_validate(args)
+    except Exception as e:  # noqa: BLE001 - pydantic's ValidationError, reported as a config error
+        raise ConfigError(f"{path}: bad application args: {e}") from None
+    return {
+        "args": args,
+        "http_options": http,
+        "name": app.get("name", "deepfake"),
+        "route_prefix": app.get("route_prefix", "/"),
+    }
+
+
+def start_local(spec: dict[str, Any], address: str | None = None) -> str:
+    """Deploy `spec` (from load_serve_config) on an embedded (or given) Ray; returns the app URL."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, logging_level="WARNING")
+    app = build_app(spec["args"])  # after ray.init, so the GPU check sees the cluster
+    serve.start(http_options=spec["http_options"])
+    serve.run(app, name=spec["name"], route_prefix=spec["route_prefix"], blocking=False)
+    http = spec["http_options"]
+    host = http.get("host") or "127.0.0.1"
+    host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    prefix = spec["route_prefix"].rstrip("/")
+    return f"http://{host}:{http.get('port', 8000)}{prefix}"
+
+
+def run_local(
+    config: str | None = None,
+    model: str | None = None,
+    port: int | None = None,
+    host: str | None = None,
+    address: str | None = None,
+) -> None:
+    """`deepfake serve`: deploy the config's application and block until Ctrl-C."""
+    import ray
+
+    spec = load_serve_config(find_config(config), model=model, port=port, host=host)
+    resolve_model_dir(spec["args"].get("model"))  # a missing model is a clear error before Ray starts
+    try:
+        url = start_local(spec, address=address)
+        logging.getLogger("deepfake").info("serving %s at %s/ (Ctrl-C to stop)", spec["args"].get("model"), url)
+        while True:
+            time.sleep(3600)
+    finally:
+        if ray.is_initialized():
+            serve.shutdown()
+            ray.shutdown()

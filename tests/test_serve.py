@@ -1,0 +1,434 @@
+"""The Serve application over real HTTP: a real local Serve, a really trained model, real image bytes."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from tests.conftest import jpeg_bytes
+
+REPO = Path(__file__).resolve().parent.parent
+MAX_BODY = 256 * 1024
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, timeout: float = 180) -> dict:
+    """Poll /healthz until the app answers 200 (the proxy says 404/503 while deploying)."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            r = httpx.get(f"{url}/healthz", timeout=10)
+            if r.status_code == 200:
+                return r.json()
+            last = r.status_code
+        except httpx.HTTPError as e:
+            last = type(e).__name__
+        time.sleep(0.5)
+    raise AssertionError(f"{url} not healthy after {timeout}s (last: {last})")
+
+
+def serve_args(model_dir: Path, **kw) -> dict:
+    """Small logical CPU shares so the apps fit the 2-CPU test cluster; one replica each."""
+    one = {"autoscaling_config": {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 8}}
+    return {
+        "model": str(model_dir),
+        "device": "cpu",
+        "detector_num_cpus": 0.4,
+        "explainer_num_cpus": 0.2,
+        "ingress_num_cpus": 0.05,
+        "max_body_bytes": MAX_BODY,
+        "detector_options": dict(one),
+        "explainer_options": dict(one),
+        "ingress_options": dict(one),
+        **kw,
+    }
+
+
+@pytest.fixture(scope="module")
+def app_url(ray_local, trained_model_dir):
+    from ray import serve
+
+    from deepfake.serve import build_app
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(
+        build_app(serve_args(trained_model_dir, max_batch_size=16, batch_wait_timeout_s=0.05)),
+        name="deepfake",
+        route_prefix="/",
+        blocking=False,
+    )
+    # A second app under a prefix with a one-slot model queue: overload must give 503, not memory growth.
+    tiny_one = {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 1}
+    serve.run(
+        build_app(
+            serve_args(
+                trained_model_dir,
+                max_batch_size=1,
+                warmup=False,
+                explain=False,
+                detector_num_cpus=0.2,
+                explainer_num_cpus=0.1,
+                detector_options={"max_ongoing_requests": 1, "max_queued_requests": 1, "autoscaling_config": tiny_one},
+            )
+        ),
+        name="tiny",
+        route_prefix="/tiny",
+        blocking=False,
+    )
+    url = f"http://127.0.0.1:{port}"
+    wait_healthy(url)
+    wait_healthy(url + "/tiny")
+    yield url
+    serve.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------- pure parts
+def test_config_file_folds_deployments_into_args(tmp_path):
+    from deepfake.config import ConfigError
+    from deepfake.serve import ServeArgs, gpu_shares, load_serve_config
+
+    spec = load_serve_config(REPO / "serve_config.yaml", model=str(tmp_path), port=1234)
+    args = ServeArgs.model_validate(spec["args"])
+    assert args.model == str(tmp_path) and spec["http_options"]["port"] == 1234
+    assert args.detector_options["max_ongoing_requests"] >= args.max_batch_size
+    assert args.detector_options["autoscaling_config"]["max_replicas"] >= 2
+    assert "max_queued_requests" in args.detector_options and "max_queued_requests" in args.ingress_options
+    assert (spec["name"], spec["route_prefix"]) == ("deepfake", "/")
+    assert gpu_shares(args, 0) == (0.0, 0.0)
+    det, exp = gpu_shares(args, 1)
+    assert 0 < det < 1 and 0 < exp < 1 and 2 * det + exp <= 1
+    assert gpu_shares(args.model_copy(update={"num_gpus": 1.0, "explainer_num_gpus": 0.0}), 1) == (1.0, 0.0)
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("applications:\n  - import_path: deepfake.serve:app_builder\n    deployments:\n      - name: Nope\n")
+    with pytest.raises(ConfigError, match="Nope"):
+        load_serve_config(bad)
+    bad.write_text("applications:\n  - import_path: x\n    args: {max_batch_size: 0}\n")
+    with pytest.raises(ConfigError, match="max_batch_size"):
+        load_serve_config(bad)
+
+
+def test_missing_model_is_a_clear_error(tmp_path):
+    from deepfake.checkpoint import CheckpointError
+    from deepfake.cli import main
+    from deepfake.serve import build_app
+
+    with pytest.raises(CheckpointError, match="model=DIR|--model DIR"):
+        build_app({"model": str(tmp_path / "nope")})
+    assert main(["serve", "--model", str(tmp_path / "nope")]) == 2
+
+
+def test_http_helpers():
+    from deepfake.serve import error_status, route_path, wants_json
+
+    assert wants_json("", None) is False and wants_json("image/png", None) is False
+    assert wants_json("application/json", None) is True and wants_json("image/png", "json") is True
+    assert wants_json("application/json, image/png", None) is False
+    assert [error_status(r) for r in ("empty", "not_an_image", "truncated", "corrupt", "decompression_bomb")] == [
+        400,
+        415,
+        400,
+        400,
+        413,
+    ]
+    assert route_path({"path": "/tiny/predict", "root_path": "/tiny"}) == "/predict"
+    assert route_path({"path": "/", "root_path": ""}) == "/" and route_path({"path": "/healthz/"}) == "/healthz"
+
+
+def png_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def sample_image(sample_dir: Path, label: str = "FAKE", i: int = 0) -> Path:
+    return sorted((sample_dir / label).iterdir())[i]
+
+
+@pytest.mark.slow
+def test_predict_raw_body(app_url, sample_dir, trained_model_dir):
+    from deepfake.inference import Predictor
+
+    path = sample_image(sample_dir)
+    r = httpx.post(f"{app_url}/predict?filename={path.name}", content=path.read_bytes(), timeout=60)
+    assert r.status_code == 200, r.text
+    (res,) = r.json()["results"]
+    assert res["filename"] == path.name
+    assert res["label"] in ("ai", "real") and 0.0 <= res["prob_ai"] <= 1.0
+    assert res["latency_ms"] > 0 and (res["width"], res["height"]) == (32, 32)
+    # the server's verdict is the in-process Predictor's verdict for the same bytes
+    from deepfake.images import decode_image
+
+    local = Predictor.from_dir(trained_model_dir, device="cpu").predict_images([decode_image(path.read_bytes())])[0]
+    assert res["label"] == local["label"] and res["model"] == local["model"]
+    assert res["prob_ai"] == pytest.approx(local["prob_ai"], abs=1e-4)
+
+
+@pytest.mark.slow
+def test_predict_multipart_many_files(app_url, sample_dir, trained_model_dir):
+    paths = [sample_image(sample_dir, "FAKE", i) for i in range(3)] + [
+        sample_image(sample_dir, "REAL", i) for i in range(3)
+    ]
+    # odd modes are converted, not refused: grayscale PNG and RGBA PNG next to the JPEGs
+    gray = png_bytes(Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 50), dtype=np.uint8), "L"))
+    rgba = png_bytes(Image.new("RGBA", (20, 30), (10, 200, 30, 128)))
+    files = [("files", (p.name, p.read_bytes(), "image/jpeg")) for p in paths]
+    files += [("files", ("gray.png", gray, "image/png")), ("files", ("rgba.png", rgba, "image/png"))]
+    r = httpx.post(f"{app_url}/predict", files=files, timeout=60)
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    assert [x["filename"] for x in results] == [p.name for p in paths] + ["gray.png", "rgba.png"]
+    assert (results[-2]["width"], results[-2]["height"]) == (50, 40)
+    # each file gets exactly the verdict the in-process Predictor gives it (one inference path)
+    from deepfake.images import decode_image
+    from deepfake.inference import Predictor
+
+    local = Predictor.from_dir(trained_model_dir, device="cpu").predict_images([decode_image(f[1][1]) for f in files])
+    assert [x["label"] for x in results] == [v["label"] for v in local]
+    assert np.allclose([x["prob_ai"] for x in results], [v["prob_ai"] for v in local], atol=1e-4)
+
+
+@pytest.mark.slow
+def test_explain_png_and_json(app_url, sample_dir):
+    data = sample_image(sample_dir).read_bytes()
+    r = httpx.post(f"{app_url}/explain", content=data, headers={"Accept": "image/png"}, timeout=120)
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "image/png"
+    overlay = Image.open(io.BytesIO(r.content))
+    assert overlay.size == (32, 32) and overlay.mode == "RGB"
+    assert r.headers["x-label"] in ("ai", "real") and r.headers["x-target"] == r.headers["x-label"]
+    assert 0 <= float(r.headers["x-prob-ai"]) <= 1
+
+    r = httpx.post(f"{app_url}/explain?format=json&target=real", files={"f": ("a.jpg", data)}, timeout=120)
+    assert r.status_code == 200, r.text
+    (res,) = r.json()["results"]
+    assert res["filename"] == "a.jpg" and res["target"] == "real"
+    assert Image.open(io.BytesIO(base64.b64decode(res["overlay_png_base64"]))).size == (32, 32)
+    # Accept: application/json alone also selects JSON
+    r = httpx.post(f"{app_url}/explain", content=data, headers={"Accept": "application/json"}, timeout=120)
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+    # the overlay of a non-square image comes back at the original size
+    wide = png_bytes(Image.new("RGB", (64, 24), (200, 30, 30)))
+    r = httpx.post(f"{app_url}/explain", content=wide, timeout=120)
+    assert r.status_code == 200 and Image.open(io.BytesIO(r.content)).size == (64, 24)
+
+
+def _bomb() -> bytes:
+    # 8000 x 8000 1-bit PNG: a few kB on the wire, 64 Mpx (192 MB as RGB) once decoded
+    return png_bytes(Image.new("1", (8000, 8000)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name,body,status,error",
+    [
+        ("empty", b"", 400, "empty"),
+        ("text", b"hello, this is not an image at all", 415, "not_an_image"),
+        ("truncated", jpeg_bytes(1, size=64)[:300], 400, "truncated"),
+        ("bomb", None, 413, "decompression_bomb"),
+        ("too_large", os.urandom(MAX_BODY + 10), 413, "body_too_large"),
+    ],
+)
+def test_bad_inputs_are_json_errors(app_url, name, body, status, error):
+    body = _bomb() if body is None else body
+    for route in ("predict", "explain"):
+        r = httpx.post(f"{app_url}/{route}", content=body, timeout=60)
+        assert r.status_code == status, (route, r.text)
+        assert r.headers["content-type"] == "application/json"
+        err = r.json()
+        assert err["error"] == error and "Traceback" not in r.text
+    # a bad file in a multipart upload is named
+    r = httpx.post(f"{app_url}/predict", files=[("f", ("good.jpg", jpeg_bytes(2))), ("f", (f"{name}.bin", body))])
+    assert r.status_code == status and r.json()["error"] == error
+    if error != "body_too_large":  # refused before parsing: no per-file report
+        assert r.json()["files"] == [
+            {"filename": f"{name}.bin", "reason": error, "detail": r.json()["files"][0]["detail"]}
+        ]
+
+
+@pytest.mark.slow
+def test_routing_and_form_errors(app_url):
+    assert httpx.get(f"{app_url}/nope").status_code == 404
+    r = httpx.get(f"{app_url}/predict")
+    assert r.status_code == 405 and r.json()["error"] == "method_not_allowed"
+    r = httpx.post(f"{app_url}/predict", files={"x": (None, b"just a field")})  # multipart, no file part
+    assert r.status_code == 400 and r.json()["error"] == "no_file"
+    r = httpx.post(f"{app_url}/explain?target=cat", content=jpeg_bytes(3))
+    assert r.status_code == 400 and r.json()["error"] == "bad_target"
+    r = httpx.post(f"{app_url}/explain", files=[("f", ("a.jpg", jpeg_bytes(1))), ("f", ("b.jpg", jpeg_bytes(2)))])
+    assert r.status_code == 400 and r.json()["error"] == "one_image_for_png"
+
+
+@pytest.mark.slow
+def test_model_card_page_and_health(app_url, trained_model_dir):
+    from deepfake.checkpoint import read_metadata
+
+    card = httpx.get(f"{app_url}/model").json()
+    meta = read_metadata(trained_model_dir)
+    assert card["meta"]["arch"] == meta["arch"] and card["meta"]["classes"] == ["ai", "real"]
+    assert card["path"] == str(Path(trained_model_dir).resolve())
+    page = httpx.get(f"{app_url}/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert 'id="file"' in page.text and "explain" in page.text
+    assert httpx.get(f"{app_url}/healthz").json() == {"status": "ok", "model": card["version"]}
+
+
+@pytest.mark.slow
+def test_concurrent_requests_are_batched(app_url, sample_dir):
+    paths = sorted((sample_dir / "FAKE").iterdir())[:16]
+
+    async def fire() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=120) as client:
+            return await asyncio.gather(*(client.post(f"{app_url}/predict", content=p.read_bytes()) for p in paths))
+
+    responses = asyncio.run(fire())
+    assert [r.status_code for r in responses] == [200] * 16
+    sizes = [r.json()["results"][0]["batch_size"] for r in responses]
+    assert max(sizes) > 1, sizes
+    stats = httpx.get(f"{app_url}/stats").json()
+    assert stats["detector"]["max_batch_size"] > 1
+    assert stats["detector"]["images"] >= 16
+
+
+@pytest.mark.slow
+def test_overload_gives_503_json_and_server_survives(app_url):
+    async def fire() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=120) as client:
+            return await asyncio.gather(
+                *(client.post(f"{app_url}/tiny/predict", content=jpeg_bytes(i, size=256)) for i in range(24))
+            )
+
+    responses = asyncio.run(fire())
+    codes = sorted(r.status_code for r in responses)
+    assert set(codes) <= {200, 503}, codes
+    assert 503 in codes and 200 in codes, codes
+    rejected = next(r for r in responses if r.status_code == 503)
+    assert rejected.json()["error"] == "overloaded" and rejected.headers["retry-after"] == "1"
+    # both apps are still up and answering after every bad input and the overload
+    assert httpx.post(f"{app_url}/tiny/predict", content=jpeg_bytes(5)).status_code == 200
+    r = httpx.post(f"{app_url}/tiny/explain", content=jpeg_bytes(5))  # that app was built with explain=False
+    assert r.status_code == 501 and r.json()["error"] == "explain_disabled"
+    assert httpx.post(f"{app_url}/predict", content=jpeg_bytes(6)).status_code == 200
+    assert wait_healthy(app_url, timeout=10)["status"] == "ok"
+
+
+# ---------------------------------------------------------------------------------------------- serve deploy
+@pytest.fixture()
+def ray_head(tmp_path):
+    """A separate `ray start --head --block` cluster; stopped by signalling only the processes it started."""
+    gcs, dash = free_port(), free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS", None)
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    temp = Path("/tmp") / f"rayt{os.getpid()}_{gcs}"  # short: Ray's socket paths must stay < 108 chars
+    cmd = [ray_bin, "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}", "--num-cpus=4"]
+    cmd += ["--disable-usage-stats", "--include-dashboard=true", f"--temp-dir={temp}", "--dashboard-host=127.0.0.1"]
+    log = open(tmp_path / "ray_head.log", "w")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    dash_url = f"http://127.0.0.1:{dash}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{dash_url}/api/version", timeout=5).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert proc.poll() is None, (tmp_path / "ray_head.log").read_text()[-3000:]
+        time.sleep(1)
+    yield {"dashboard": dash_url, "env": env}
+    os.killpg(proc.pid, signal.SIGTERM)  # --block tears down the processes it started
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+    log.close()
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+def _config_copy(dest: Path, model_dir: Path, port: int) -> Path:
+    cfg = yaml.safe_load((REPO / "serve_config.yaml").read_text())
+    cfg["http_options"]["port"] = port
+    app = cfg["applications"][0]
+    app["args"].update(model=str(model_dir), device="cpu", detector_num_cpus=0.5, explainer_num_cpus=0.25)
+    dest.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return dest
+
+
+def _model_copy(src: Path, dest: Path, created: str) -> Path:
+    """The same weights under another version string, so a redeploy visibly swaps the model."""
+    shutil.copytree(src, dest)
+    cfg = json.loads((dest / "config.json").read_text())
+    cfg["deepfake"]["created"] = created
+    (dest / "config.json").write_text(json.dumps(cfg))
+    return dest
+
+
+@pytest.mark.slow
+def test_serve_deploy_config_and_rolling_model_swap(ray_head, trained_model_dir, sample_dir, tmp_path):
+    """serve_config.yaml as shipped (paths/port changed) deploys with the CLI; changing args.model and
+    redeploying swaps the model while traffic keeps flowing."""
+    serve_bin = str(Path(sys.executable).parent / "serve")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    model_a = _model_copy(trained_model_dir, tmp_path / "model_a", "2024-01-01T00:00:00+00:00")
+    model_b = _model_copy(trained_model_dir, tmp_path / "model_b", "2025-02-02T00:00:00+00:00")
+
+    def deploy(model: Path) -> None:
+        cfg = _config_copy(tmp_path / "serve.yaml", model, port)
+        out = subprocess.run(
+            [serve_bin, "deploy", str(cfg), "-a", ray_head["dashboard"]],
+            env=ray_head["env"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert out.returncode == 0, out.stdout + out.stderr
+
+    deploy(model_a)
+    version_a = wait_healthy(url)["model"]
+    assert "20240101" in version_a
+    img = sample_image(sample_dir).read_bytes()
+    assert httpx.post(f"{url}/predict", content=img, timeout=60).json()["results"][0]["model"] == version_a
+
+    # Redeploy with another model while a client keeps sending requests: none may fail.
+    deploy(model_b)
+    codes, models = [], set()
+    deadline = time.monotonic() + 150
+    with httpx.Client(timeout=60) as client:
+        while time.monotonic() < deadline:
+            r = client.post(f"{url}/predict", content=img)
+            codes.append(r.status_code)
+            if r.status_code == 200:
+                models.add(r.json()["results"][0]["model"])
+                if "20250202" in r.json()["results"][0]["model"]:
+                    break
+            time.sleep(0.1)
+    assert any("20250202" in m for m in models), models
+    assert set(codes) == {200}, {c: codes.count(c) for c in set(codes)}
+    status = subprocess.run(
+        [serve_bin, "status", "-a", ray_head["dashboard"]], env=ray_head["env"], capture_output=True, text=True
+    )
+    assert "RUNNING" in status.stdout, status.stdout + status.stderr

@@ -1,0 +1,186 @@
+"""The web page in a real headless Chromium, driven over the Chrome DevTools protocol (no chromedriver):
+choose a file, wait for the verdict and the Grad-CAM heatmap, check the DOM, keep a screenshot."""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.test_serve import free_port, serve_args, wait_healthy
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parent.parent
+ARTIFACTS = REPO / "test-artifacts"
+CHROME_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--window-size=1000,900",
+    "--remote-debugging-address=127.0.0.1",
+    "--remote-debugging-port=0",
+]
+
+
+def find_chromium() -> str:
+    for name in ("chromium", "chromium-browser", "google-chrome", "chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    msg = "no Chromium: apt-get install -y chromium"
+    if os.environ.get("DEEPFAKE_BROWSER_TEST") == "required":
+        pytest.fail(msg)  # the README/CI test command installs Chromium: there the browser test must run
+    pytest.skip(msg)
+
+
+class CDP:
+    """A minimal DevTools client: one page target, request/response by id, events ignored."""
+
+    def __init__(self, ws_url: str):
+        from websockets.sync.client import connect
+
+        self.ws = connect(ws_url, max_size=None, open_timeout=30)
+        self.ids = itertools.count(1)
+
+    def __call__(self, method: str, timeout: float = 60, **params) -> dict:
+        msg_id = next(self.ids)
+        self.ws.send(json.dumps({"id": msg_id, "method": method, "params": params}))
+        deadline = time.monotonic() + timeout
+        while True:
+            msg = json.loads(self.ws.recv(timeout=max(0.1, deadline - time.monotonic())))
+            if msg.get("id") == msg_id:
+                if "error" in msg:
+                    raise RuntimeError(f"{method}: {msg['error']}")
+                return msg.get("result", {})
+
+    def eval(self, expr: str):
+        res = self("Runtime.evaluate", expression=expr, returnByValue=True)
+        return res.get("result", {}).get("value")
+
+    def close(self) -> None:
+        self.ws.close()
+
+
+@pytest.fixture()
+def browser(tmp_path):
+    chrome = find_chromium()
+    profile = tmp_path / "profile"
+    proc = subprocess.Popen(
+        [chrome, *CHROME_FLAGS, f"--user-data-dir={profile}", "about:blank"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        port_file = profile / "DevToolsActivePort"
+        deadline = time.monotonic() + 60
+        while not (port_file.exists() and port_file.read_text().strip()):
+            assert proc.poll() is None, "chromium exited at start-up"
+            assert time.monotonic() < deadline, "chromium did not open its DevTools port"
+            time.sleep(0.2)
+        port = int(port_file.read_text().split()[0])
+        pages = [t for t in httpx.get(f"http://127.0.0.1:{port}/json/list").json() if t["type"] == "page"]
+        cdp = CDP(pages[0]["webSocketDebuggerUrl"])
+        yield cdp
+        cdp.close()
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="module")
+def web_url(ray_local, trained_model_dir):
+    from ray import serve
+
+    from deepfake.serve import build_app
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(serve_args(trained_model_dir)), name="web", route_prefix="/", blocking=False)
+    url = f"http://127.0.0.1:{port}"
+    wait_healthy(url)
+    yield url
+    serve.shutdown()
+
+
+def wait_for(cdp: CDP, expr: str, timeout: float = 120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cdp.eval(expr)
+        if value:
+            return value
+        time.sleep(0.25)
+    raise AssertionError(f"timed out waiting for {expr}; page status: {cdp.eval('document.body.innerText')!r}")
+
+
+def test_upload_shows_verdict_and_heatmap(browser, web_url, sample_dir):
+    image = sorted((sample_dir / "FAKE").iterdir())[0]
+    expected = httpx.post(f"{web_url}/predict", content=image.read_bytes(), timeout=60).json()["results"][0]
+
+    browser("Page.enable")
+    browser("Page.navigate", url=web_url + "/")
+    wait_for(browser, "document.readyState === 'complete' && !!document.getElementById('file')")
+    assert browser.eval("getComputedStyle(document.getElementById('result')).display") == "none"
+
+    doc = browser("DOM.getDocument")
+    node = browser("DOM.querySelector", nodeId=doc["root"]["nodeId"], selector="#file")["nodeId"]
+    browser("DOM.setFileInputFiles", files=[str(image)], nodeId=node)  # fires the input's change event
+
+    state = wait_for(browser, "['done', 'error'].includes(document.body.dataset.state) && document.body.dataset.state")
+    assert state == "done", browser.eval("document.getElementById('status').textContent")
+    wait_for(browser, "document.getElementById('heatmap').complete && document.getElementById('heatmap').naturalWidth")
+
+    dom = browser.eval(
+        """(() => {
+        const $ = (id) => document.getElementById(id);
+        return {
+          label: $('verdict').dataset.label, verdict: $('verdict').textContent, prob: $('prob').textContent,
+          probAi: parseFloat($('prob').dataset.probAi), shown: getComputedStyle($('result')).display,
+          heatW: $('heatmap').naturalWidth, heatH: $('heatmap').naturalHeight, heatSrc: $('heatmap').src,
+          origW: $('original').naturalWidth, meta: $('meta').textContent, status: $('status').textContent,
+        };
+    })()"""
+    )
+    assert dom["shown"] == "block" and dom["status"] == ""
+    assert dom["label"] == expected["label"]
+    assert dom["verdict"] == ("AI-generated" if expected["label"] == "ai" else "Real photograph")
+    assert dom["probAi"] == pytest.approx(expected["prob_ai"], abs=1e-6)
+    assert f"{100 * expected['prob_ai']:.1f}%" in dom["prob"]
+    assert (dom["heatW"], dom["heatH"]) == (32, 32) and dom["heatSrc"].startswith("blob:")
+    assert dom["origW"] == 32 and image.name in dom["meta"]
+
+    shot = browser("Page.captureScreenshot", format="png")["data"]
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / "web.png").write_bytes(base64.b64decode(shot))
+    assert (ARTIFACTS / "web.png").stat().st_size > 10_000
+
+
+def test_bad_file_shows_error(browser, web_url, tmp_path):
+    bad = tmp_path / "notes.jpg"
+    bad.write_text("this is text, not a JPEG")
+    browser("Page.navigate", url=web_url + "/")
+    wait_for(browser, "document.readyState === 'complete' && !!document.getElementById('file')")
+    doc = browser("DOM.getDocument")
+    node = browser("DOM.querySelector", nodeId=doc["root"]["nodeId"], selector="#file")["nodeId"]
+    browser("DOM.setFileInputFiles", files=[str(bad)], nodeId=node)
+    assert wait_for(browser, "document.body.dataset.state === 'error' && document.body.dataset.state") == "error"
+    status = browser.eval("document.getElementById('status').textContent")
+    assert "415" in status and "not_an_image" in status
+    assert browser.eval("getComputedStyle(document.getElementById('result')).display") == "none"
