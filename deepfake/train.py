@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from torch import nn
 
 from deepfake import checkpoint as ckpt_io
@@ -345,6 +346,17 @@ def prepare_splits(cfg: Config) -> tuple[Any, dict, dict[str, tuple[list[str], l
     return split, rep, splits
 
 
+def write_uri_files(uri_dir: str, files: dict[str, str]) -> None:
+    """Write small text files under a storage URI with pyarrow's filesystems (what Ray Train uses itself)."""
+    import pyarrow.fs
+
+    fs, root = pyarrow.fs.FileSystem.from_uri(uri_dir)
+    fs.create_dir(root, recursive=True)
+    for name, text in files.items():
+        with fs.open_output_stream(f"{root}/{name}") as f:
+            f.write(text.encode())
+
+
 def run_name(cfg: Config) -> str:
     return cfg.train.name or datetime.now().strftime("train-%Y%m%d-%H%M%S")
 
@@ -365,6 +377,14 @@ def fit(cfg: Config, address: str | None = None, export: bool = True) -> dict[st
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         cfg.save(Path(run_dir) / "config.yaml")
         split.to_csv(Path(run_dir) / "split.csv", index=False)
+    else:  # cloud storage (s3://, gs://): the same two files, next to Ray's checkpoints
+        write_uri_files(
+            run_dir,
+            {
+                "config.yaml": yaml.safe_dump(cfg.to_dict(), sort_keys=False),
+                "split.csv": split.to_csv(index=False),
+            },
+        )
     scaling_config, cpus = scaling(cfg)
     log.info(
         "run %s: %s, %d workers x %s CPU, GPU=%s", name, rep["splits"], cfg.train.workers, cpus, scaling_config.use_gpu

@@ -1,0 +1,321 @@
+"""Ray Jobs: the pure pieces, then real jobs on a real `ray start --head` (its own ports, temp dir and process
+group, so other Ray instances on this machine are never touched): `deepfake jobs submit`, plain
+`ray job submit`, a failing job, and a Serve deployment queried over HTTP."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from deepfake import checkpoint as ck
+from deepfake import jobs
+from deepfake.cli import main
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+# ---------------------------------------------------------------------------------------------- pure pieces
+def test_address_is_required(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(jobs.JobsError, match="no cluster address"):
+        jobs.resolve_address(None)
+    monkeypatch.setenv("RAY_ADDRESS", "http://head:8265")
+    assert jobs.resolve_address(None) == "http://head:8265"
+    assert jobs.resolve_address("http://other:8265") == "http://other:8265"
+
+
+def test_cli_without_address_exits_2_with_the_reason(monkeypatch, caplog):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert main(["jobs", "submit", "train", "--", "--epochs", "1"]) == 2
+    assert "no cluster address" in caplog.text
+
+
+def test_entrypoints_and_runtime_env():
+    e = jobs.build_entrypoint("train", ["--data", "/data/my images", "--epochs", "1"])
+    assert e == "python -m rayjobs.train --data '/data/my images' --epochs 1"
+    assert jobs.build_entrypoint("serve", []) == "python -m rayjobs.serve_deploy"
+    assert jobs.build_entrypoint("tune", ["-v"], installed=True) == "python -m deepfake.jobs tune -v"
+    with pytest.raises(jobs.JobsError):
+        jobs.build_entrypoint("bogus", [])
+    for job in jobs.JOBS:  # every job has its entrypoint file
+        assert (REPO / (jobs.MODULES[job].replace(".", "/") + ".py")).is_file()
+
+    env = jobs.build_runtime_env(pip=["requests"], env=jobs.parse_env(["A=1", "B=x=y"]))
+    assert env["working_dir"] == str(REPO) and ".venv" in env["excludes"] and "runs" in env["excludes"]
+    assert env["pip"] == ["requests"] and env["env_vars"] == {"A": "1", "B": "x=y"}
+    assert jobs.build_runtime_env(installed=True) == {}
+    with pytest.raises(jobs.JobsError, match="not a deepfake source checkout"):
+        jobs.build_runtime_env(working_dir=str(REPO / "tests"))
+    with pytest.raises(jobs.JobsError, match="KEY=VALUE"):
+        jobs.parse_env(["novalue"])
+
+
+def test_exit_codes_and_log_tail():
+    assert [jobs.exit_code(s) for s in ("SUCCEEDED", "FAILED", "STOPPED", "RUNNING")] == [0, 1, 1, 1]
+    logs = "".join(f"line {i}\n" for i in range(100))
+    assert jobs.log_tail(logs, 3) == "line 97\nline 98\nline 99"
+
+
+def test_serve_config_overrides():
+    cfg = {
+        "http_options": {"host": "127.0.0.1", "port": 8000},
+        "applications": [
+            {"name": "a", "import_path": "deepfake.serve:app", "args": {"model_dir": "models/x"}},
+            {"name": "b", "import_path": "x:y", "runtime_env": {"env_vars": {"B": "2"}}},
+        ],
+    }
+    job_env = {"working_dir": "gcs://_ray_pkg_1.zip", "env_vars": {"A": "1"}, "excludes": [".venv"]}
+    out = jobs.serve_config_overrides(
+        cfg, model="/m", extra_args={"k": "v"}, http_host="0.0.0.0", http_port=18000, runtime_env=job_env
+    )
+    assert out["http_options"] == {"host": "0.0.0.0", "port": 18000}
+    assert out["applications"][0]["args"] == {"model_dir": "/m", "k": "v"}
+    assert out["applications"][1]["args"]["model_dir"] == "/m"
+    assert out["applications"][0]["runtime_env"] == {"working_dir": "gcs://_ray_pkg_1.zip", "env_vars": {"A": "1"}}
+    assert out["applications"][1]["runtime_env"]["env_vars"] == {"A": "1", "B": "2"}
+    assert cfg["applications"][0]["args"] == {"model_dir": "models/x"}  # the input is not modified
+    assert jobs.serve_config_overrides(cfg, model="/m", model_arg="path")["applications"][0]["args"]["path"] == "/m"
+    with pytest.raises(jobs.JobsError):
+        jobs.serve_config_overrides({"applications": []})
+
+
+# ---------------------------------------------------------------------------------------------- a real head
+def _free_ports(n: int) -> list[int]:
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _pids_using(marker: str) -> list[int]:
+    """Processes of this head only: every Ray process of the session names its temp dir on its command line."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and int(d.name) != os.getpid():
+            with contextlib.suppress(OSError):
+                if marker in (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                    out.append(int(d.name))
+    return out
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """`ray start --head --block` in its own process group, on free ports and a private temp dir."""
+    from ray.job_submission import JobSubmissionClient
+
+    gcs, dash, client_port, nm, om, agent, agent_grpc, renv, metrics = _free_ports(9)
+    temp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's unix socket paths have a length limit
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # the job's `python` is this venv's
+    }
+    env.pop("RAY_ADDRESS", None)
+    cmd = [
+        str(BIN / "ray"),
+        "start",
+        "--head",
+        "--block",
+        f"--port={gcs}",
+        f"--dashboard-port={dash}",
+        "--dashboard-host=127.0.0.1",
+        f"--ray-client-server-port={client_port}",
+        f"--node-manager-port={nm}",
+        f"--object-manager-port={om}",
+        f"--dashboard-agent-listen-port={agent}",
+        f"--dashboard-agent-grpc-port={agent_grpc}",
+        f"--runtime-env-agent-port={renv}",
+        f"--metrics-export-port={metrics}",
+        "--num-cpus=2",
+        "--disable-usage-stats",
+        f"--temp-dir={temp}",
+    ]
+    log_path = Path(temp) / "ray-start.log"
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"ray start exited {proc.returncode}: {log_path.read_text()[-3000:]}")
+            try:
+                JobSubmissionClient(address).list_jobs()
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"the Jobs API at {address} did not come up: {log_path.read_text()[-3000:]}")
+                time.sleep(1)
+        yield address
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)
+        for pid in [proc.pid, *_pids_using(temp)]:  # anything of this session left outside the group
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _train_args(data: Path, storage: str, out: Path, name: str) -> list[str]:
+    return [
+        "--data",
+        str(data),
+        "--epochs",
+        "1",
+        "--image-size",
+        "32",
+        "--workers",
+        "1",
+        "--batch-size",
+        "16",
+        "--patience",
+        "0",
+        "--storage-path",
+        storage,
+        "--name",
+        name,
+        "--out",
+        str(out),
+        "--set",
+        "train.cpus_per_worker=1",  # two jobs share the 2 CPUs
+    ]
+
+
+def _model_dir_from(logs: str) -> str:
+    found = re.findall(r'"model_dir": "([^"]+)"', logs)
+    assert found, f"no model_dir in the job output:\n{logs[-3000:]}"
+    return found[-1]
+
+
+def _assert_trained(model_dir: Path, run_dir: Path) -> None:
+    assert {"model.safetensors", "config.json", "README.md"} <= {p.name for p in model_dir.iterdir()}
+    meta = ck.read_metadata(model_dir)
+    assert meta["epochs_run"] == 1 and meta["image_size"] == 32 and meta["config"]["train"]["workers"] == 1
+    assert "val_acc" in meta["metrics"]
+    assert any(p.is_dir() for p in run_dir.glob("checkpoint_*")), list(run_dir.iterdir())
+
+
+@pytest.mark.slow
+def test_train_jobs_through_deepfake_and_plain_ray_job_submit(ray_head, small_sample, tmp_path, capsys):
+    from ray.job_submission import JobSubmissionClient
+
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    # 1. plain `ray job submit` (no wait), the README's equivalent; local storage path
+    plain_args = _train_args(small_sample, str(tmp_path / "runs"), tmp_path / "plain_model", "plain")
+    excludes = json.dumps({"excludes": jobs.EXCLUDES})
+    r = subprocess.run(
+        [str(BIN / "ray"), "job", "submit", "--address", ray_head, "--no-wait", "--working-dir", str(REPO)]
+        + ["--runtime-env-json", excludes, "--", "python", "-m", "rayjobs.train", *plain_args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    plain_id = re.search(r"raysubmit_\w+", r.stdout + r.stderr).group(0)
+
+    # 2. `deepfake jobs submit train`, following the logs; the run storage is a URI (file://)
+    uri = f"file://{tmp_path / 'uri_runs'}"
+    rc = main(
+        ["jobs", "submit", "train", "--address", ray_head, "--"]
+        + _train_args(small_sample, uri, tmp_path / "model", "viajobs")
+    )
+    out = capsys.readouterr().out
+    assert rc == 0, out[-4000:]
+    assert json.loads(out.strip().splitlines()[-1])["status"] == "SUCCEEDED"
+    assert Path(_model_dir_from(out)) == tmp_path / "model"
+    _assert_trained(tmp_path / "model", tmp_path / "uri_runs" / "viajobs")
+    # the run's config and split are written next to Ray's checkpoints on URI storage too
+    assert yaml.safe_load((tmp_path / "uri_runs" / "viajobs" / "config.yaml").read_text())["train"]["epochs"] == 1
+    assert "ref" in (tmp_path / "uri_runs" / "viajobs" / "split.csv").read_text().splitlines()[0].split(",")
+
+    client = JobSubmissionClient(ray_head)
+    status = jobs.wait(client, plain_id, timeout_s=240)
+    assert str(status) == "SUCCEEDED", client.get_job_logs(plain_id)[-4000:]
+    assert Path(_model_dir_from(client.get_job_logs(plain_id))) == tmp_path / "plain_model"
+    _assert_trained(tmp_path / "plain_model", tmp_path / "runs" / "plain")
+
+    # status / logs / list subcommands on the finished job
+    assert main(["jobs", "status", plain_id, "--address", ray_head]) == 0
+    assert json.loads(capsys.readouterr().out)["status"] == "SUCCEEDED"
+    assert main(["jobs", "logs", plain_id, "--address", ray_head]) == 0
+    assert '"model_dir"' in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_failing_job_returns_non_zero_with_its_log_tail(ray_head, tmp_path, capsys):
+    missing = tmp_path / "no-such-data"
+    rc = main(["jobs", "submit", "train", "--address", ray_head, "--", "--data", str(missing), "--epochs", "1"])
+    captured = capsys.readouterr()
+    assert rc == 1
+    assert "FAILED" in captured.err and "last 40 log lines" in captured.err
+    assert str(missing) in captured.err  # the job's own error message reached the caller
+    assert json.loads(captured.out.strip().splitlines()[-1])["status"] == "FAILED"
+
+
+@pytest.mark.slow
+def test_stop_a_running_job(ray_head, capsys):
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(ray_head)
+    job_id = client.submit_job(entrypoint="sleep 120")
+    assert main(["jobs", "stop", job_id, "--address", ray_head]) == 0
+    assert json.loads(capsys.readouterr().out)["status"] == "STOPPED"
+
+
+@pytest.mark.slow
+def test_serve_deploy_job_then_predict_over_http(ray_head, trained_model_dir, sample_dir, capsys):
+    """serve_config.yaml deployed by a job; the app outlives the job and answers on a free port."""
+    import httpx
+
+    from deepfake.images import decode_image
+    from deepfake.inference import Predictor
+
+    if not (REPO / "serve_config.yaml").is_file() or not (REPO / "deepfake" / "serve.py").is_file():
+        pytest.skip("serve_config.yaml / deepfake/serve.py not present")
+    port = _free_ports(1)[0]
+    small = ["device=cpu", "detector_num_cpus=0.5", "explainer_num_cpus=0.25", "ingress_num_cpus=0.1"]
+    rc = main(
+        ["jobs", "submit", "serve", "--address", ray_head, "--", "--config", "serve_config.yaml"]
+        + ["--model", str(trained_model_dir), "--http-port", str(port), "--timeout", "240"]
+        + [x for a in small for x in ("--arg", a)]
+    )
+    out = capsys.readouterr()
+    assert rc == 0, out.out[-4000:] + out.err[-4000:]
+    assert json.loads(out.out.strip().splitlines()[-1])["status"] == "SUCCEEDED"
+
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while httpx.get(f"{url}/healthz", timeout=10).status_code != 200:  # the proxy may 404 for a moment
+        assert time.monotonic() < deadline, "the deployed app never became healthy"
+        time.sleep(0.5)
+    image = sorted((sample_dir / "FAKE").iterdir())[0]
+    r = httpx.post(f"{url}/predict?filename={image.name}", content=image.read_bytes(), timeout=60)
+    assert r.status_code == 200, r.text
+    (res,) = r.json()["results"]
+    local = Predictor.from_dir(trained_model_dir, device="cpu").predict_images([decode_image(image.read_bytes())])[0]
+    assert res["label"] == local["label"] and res["model"] == local["model"]
+    assert res["prob_ai"] == pytest.approx(local["prob_ai"], abs=1e-4)
