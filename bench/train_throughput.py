@@ -1,0 +1,117 @@
+"""Training throughput: Ray Train (1 and 2 workers) vs a plain single-process PyTorch loop, side by side.
+
+Same model, image size, global batch, data and epoch loop (`deepfake.train.train_one_epoch`); equal total
+cores (the plain loop gets all of them as torch threads; Ray workers split them). Figures are steady-state
+images/s of the last epoch, so Ray's worker start-up (reported separately) does not count against it.
+
+    python bench/train_throughput.py --data ../shared/data/cifake_small.tar.gz
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from deepfake.config import Config
+from deepfake.model import create_model, to_device
+from deepfake.train import build_optimizer, fit, lr_multiplier, make_datasets, prepare_splits, train_one_epoch
+
+log = logging.getLogger("bench.train_throughput")
+SETUP_KEYS = ("data", "max_per_class", "image_size", "stem_stride", "batch_size", "epochs", "cores")
+
+
+def base_config(args: argparse.Namespace) -> Config:
+    cfg = Config()
+    cfg.data.path = args.data
+    cfg.data.image_size = args.image_size
+    cfg.data.max_per_class = args.max_per_class
+    cfg.model.stem_stride = args.stem_stride
+    cfg.train.batch_size = args.batch_size
+    cfg.train.epochs = args.epochs
+    cfg.train.patience = 0
+    cfg.train.log_every = 0
+    cfg.train.storage_path = str(Path(args.storage).resolve())
+    return cfg
+
+
+def plain_loop(cfg: Config, cores: int) -> dict:
+    torch.set_num_threads(cores)
+    torch.manual_seed(0)
+    _, _, splits = prepare_splits(cfg)
+    ds = make_datasets(cfg, {"train": splits["train"]})["train"]
+    loader = DataLoader(ds, batch_size=cfg.train.batch_size, shuffle=True, drop_last=True)
+    model = to_device(create_model(cfg.model), torch.device("cpu"), cfg.model.channels_last)
+    opt = build_optimizer(model, cfg)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_multiplier(cfg, len(loader)))
+    rates = []
+    for epoch in range(1, cfg.train.epochs + 1):
+        stats = train_one_epoch(
+            model, loader, opt, sched, nn.CrossEntropyLoss(), torch.device("cpu"), "off", epoch=epoch
+        )
+        rates.append(stats.count / stats.seconds)
+    return {"images_per_s": rates[-1], "per_epoch": rates, "threads": cores}
+
+
+def ray_train(cfg: Config, workers: int, cores: int, tag: str) -> dict:
+    cfg.train.workers = workers
+    cfg.train.cpus_per_worker = max(1, cores // workers)
+    cfg.train.name = f"bench-{tag}-{workers}w-{int(time.time())}"
+    start = time.time()
+    out = fit(cfg, export=False)
+    wall = time.time() - start
+    rates = [h["train_images_per_s"] for h in out["history"]]
+    train_time = sum(h["epoch_seconds"] for h in out["history"])
+    return {
+        "images_per_s": rates[-1],
+        "per_epoch": rates,
+        "workers": workers,
+        "cpus_per_worker": cfg.train.cpus_per_worker,
+        "wall_s": round(wall, 1),
+        "overhead_s": round(wall - train_time, 1),  # Ray/worker start-up, checkpointing, export
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", default="../shared/data/cifake_small.tar.gz")
+    p.add_argument("--max-per-class", type=int, default=None)
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--stem-stride", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--cores", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--storage", default="runs/bench")
+    p.add_argument("--out", help="also write the JSON here")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    plain = plain_loop(base_config(args), args.cores)  # before Ray starts, so nothing else competes
+    results = {"plain_pytorch": plain}
+    for w in args.workers:
+        results[f"ray_train_{w}w"] = ray_train(base_config(args), w, args.cores, "tp")
+    fig = {
+        "setup": {k: getattr(args, k) for k in SETUP_KEYS},
+        **results,
+        "ratios_vs_plain": {
+            k: round(v["images_per_s"] / plain["images_per_s"], 3) for k, v in results.items() if k != "plain_pytorch"
+        },
+        "goal": "Ray Train >= 0.95x the plain loop at equal total cores",
+    }
+    text = json.dumps(fig, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
