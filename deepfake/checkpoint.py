@@ -26,6 +26,8 @@ from deepfake.config import ModelConfig
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SHIPPED_MODEL = "models/cifake-b0"  # the default model of predict, explain, evaluate and serve
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 CARD = "README.md"
@@ -104,6 +106,19 @@ def save_model(model: nn.Module, out_dir: str | Path, meta: dict[str, Any]) -> P
     return out
 
 
+def resolve_model_dir(model: str | Path | None = None) -> Path:
+    """A model folder as an absolute path; None means the shipped model. Relative paths are tried against
+    the cwd, then the repository root, so the default works from any directory of a checkout."""
+    p = Path(model or SHIPPED_MODEL).expanduser()
+    if not p.is_absolute():
+        p = next((c for c in (Path.cwd() / p, REPO_ROOT / p) if c.is_dir()), Path.cwd() / p)
+    if not p.is_dir():
+        hint = f" (the shipped default; it is in the repository's {SHIPPED_MODEL})" if model is None else ""
+        raise CheckpointError(f"model folder not found: {p}{hint}; pass --model DIR")
+    read_metadata(p)  # a folder that is not a model fails here, with the reason
+    return p.resolve()
+
+
 def read_metadata(model_dir: str | Path) -> dict[str, Any]:
     d = Path(model_dir)
     cfg_path = d / CONFIG
@@ -150,6 +165,18 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> tup
         raise CheckpointError(f"{weights}: weights do not match {meta['arch']}: {str(e)[:300]}") from None
     model.eval()
     return model.to(device), meta
+
+
+def write_metadata(model_dir: str | Path, meta: dict[str, Any]) -> None:
+    """Replace a model folder's metadata and regenerate its card; each file is swapped in atomically, so an
+    interrupted write never leaves a half-written config.json next to good weights."""
+    d = Path(model_dir)
+    raw = json.loads((d / CONFIG).read_text())
+    raw["deepfake"] = meta
+    for name, text in ((CONFIG, json.dumps(raw, indent=2) + "\n"), (CARD, render_card(meta))):
+        tmp = d / f".{name}.tmp"
+        tmp.write_text(text)
+        tmp.replace(d / name)
 
 
 def _pct(x: Any) -> str:
@@ -276,3 +303,21 @@ def read_train_state(d: Path) -> TrainState:
 
 def python_info() -> str:
     return f"{platform.system()} {platform.machine()}, Python {sys.version.split()[0]}"
+
+
+def host_info() -> str:
+    """The machine a run trained on, for the card: CPU model and count, GPU model when there is one."""
+    import os
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    text = f"{cpu}, {os.cpu_count()} logical CPUs"
+    if torch.cuda.is_available():
+        text += f", {torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
+    return text

@@ -67,6 +67,16 @@ def _config_from_args(args: argparse.Namespace, config_path: str | None = None) 
     return cfgmod.load(config_path or args.config, overrides)
 
 
+MODEL_HELP = "model folder (repeat: ensemble; default: the shipped models/cifake-b0)"
+
+
+def _model_dirs(models: list[str] | None) -> list[str]:
+    """The --model folders, resolved; none given means the shipped model."""
+    from deepfake.checkpoint import resolve_model_dir
+
+    return [str(resolve_model_dir(m)) for m in (models or [None])]
+
+
 # ---------------------------------------------------------------------------------------------- commands
 def cmd_data_summarize(args: argparse.Namespace) -> int:
     from deepfake.data import report, scan, split_samples
@@ -234,6 +244,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from deepfake.evaluate import evaluate
 
+    args.model = _model_dirs(args.model)
     if args.update_card and len(args.model) > 1:
         raise cfgmod.ConfigError("--update-card records one model's evaluation; an ensemble has no card")
     result = evaluate(
@@ -267,7 +278,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from deepfake.predict import predict
 
     summary = predict(
-        args.model,
+        _model_dirs(args.model),
         args.path,
         args.output,
         batch_size=args.batch_size,
@@ -286,7 +297,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from deepfake.images import BadImage, decode_image
     from deepfake.inference import Predictor
 
-    predictor = Predictor.from_dir(args.model, device=args.device)
+    predictor = Predictor.from_dir(_model_dirs([args.model] if args.model else None)[0], device=args.device)
     if args.target is not None and args.target not in predictor.classes:
         raise cfgmod.ConfigError(f"--target {args.target!r}: the model's classes are {predictor.classes}")
     images, names, failed = [], [], []
@@ -305,6 +316,23 @@ def cmd_explain(args: argparse.Namespace) -> int:
     expls = explain_images(predictor, images, target=args.target, batch_size=args.batch_size)
     result = write_explanations(expls, names, args.output)
     print(json.dumps({**result, "failed": failed}, indent=2))
+    return 0
+
+
+def cmd_card(args: argparse.Namespace) -> int:
+    """Regenerate a model card from its metadata, optionally recording the model's limitations first."""
+    from deepfake.checkpoint import read_metadata, resolve_model_dir, write_metadata
+
+    d = resolve_model_dir(args.model)
+    meta = read_metadata(d)
+    if args.limitations:
+        text = args.limitations
+        if text.startswith("@"):
+            text = Path(text[1:]).read_text().strip()
+        meta["limitations"] = text
+        meta.pop("limitations_generated", None)
+    write_metadata(d, meta)
+    print((d / "README.md").read_text())
     return 0
 
 
@@ -382,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     tu.set_defaults(func=cmd_tune)
 
     ev = sub.add_parser("evaluate", help="metrics, plots and robustness of a model (or an ensemble) on a dataset")
-    ev.add_argument("--model", action="append", required=True, metavar="DIR", help="model folder (repeat: ensemble)")
+    ev.add_argument("--model", action="append", metavar="DIR", help=MODEL_HELP)
     ev.add_argument("--data", help="dataset (default: the data the first model was trained on)")
     ev.add_argument("--split", choices=("val", "test", "train", "all"), default="val", help="as split in training")
     ev.add_argument("--robustness", action="store_true", help="also score JPEG q90/75/50, 0.5x downscale, blur")
@@ -403,7 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("predict", help="batch prediction with Ray Data: folder, .tar(.gz) or CSV -> predictions CSV")
     pr.add_argument("path", help="folder (every image, recursively), .tar/.tar.gz archive, or CSV manifest (path)")
-    pr.add_argument("--model", action="append", required=True, metavar="DIR", help="model folder (repeat: ensemble)")
+    pr.add_argument("--model", action="append", metavar="DIR", help=MODEL_HELP)
     pr.add_argument("-o", "--output", default="predictions.csv", help="CSV: filename,class,prob_ai,model,error")
     pr.add_argument("--batch-size", type=int, default=64, help="images per model call")
     pr.add_argument("--concurrency", type=int, help="model replicas (default: one per GPU, or per 2 CPUs)")
@@ -416,12 +444,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     ex = sub.add_parser("explain", help="Grad-CAM heatmaps: overlay PNG + .npy per image, and a contact sheet")
     ex.add_argument("images", nargs="+", metavar="IMAGE")
-    ex.add_argument("--model", required=True, metavar="DIR", help="model folder")
+    ex.add_argument("--model", metavar="DIR", help="model folder (default: the shipped models/cifake-b0)")
     ex.add_argument("-o", "--output", required=True, help="output folder")
     ex.add_argument("--target", help="class to explain, e.g. ai or real (default: each image's predicted class)")
     ex.add_argument("--batch-size", type=int, default=16, help="images per Grad-CAM forward/backward")
     ex.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     ex.set_defaults(func=cmd_explain)
+
+    cd = sub.add_parser("card", help="regenerate a model folder's card (README.md) from its metadata")
+    cd.add_argument("model", nargs="?", metavar="DIR", help="model folder (default: the shipped models/cifake-b0)")
+    cd.add_argument("--limitations", help="text (or @FILE) for the card's Limitations section")
+    cd.set_defaults(func=cmd_card)
 
     sv = sub.add_parser("serve", help="HTTP API + web page with Ray Serve (blocks until Ctrl-C)")
     sv.add_argument("--config", help="Serve config (default: serve_config.yaml in the cwd or the repository)")

@@ -17,7 +17,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -308,12 +307,6 @@ def _write_outputs(out, result, refs, labels, mean_prob, stacked, errors, predic
 
 
 # ---------------------------------------------------------------------------------------------- model card
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def update_card(
     model_dir: str | Path, metrics: dict[str, Any], robustness: dict[str, dict[str, Any]] | None = None
 ) -> dict[str, Any]:
@@ -363,10 +356,6 @@ def update_card(
         )
         meta["limitations_generated"] = True
 
-    cfg_path = d / ck.CONFIG
-    raw = json.loads(cfg_path.read_text())
-    raw["deepfake"] = meta
-    _atomic_write(cfg_path, json.dumps(raw, indent=2) + "\n")
-    _atomic_write(d / ck.CARD, ck.render_card(meta))
+    ck.write_metadata(d, meta)
     log.info("recorded the %s evaluation in %s", split, d)
     return meta

@@ -34,12 +34,11 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 
+from deepfake.checkpoint import REPO_ROOT
 from deepfake.images import MAX_PIXELS, BadImage, decode_image
 
 log = logging.getLogger("ray.serve")
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_MODEL = "models/cifake-b0"
 
 # BadImage reason -> HTTP status. A bomb is a small body whose *pixels* are too large: 413 as well.
 STATUS_FOR_REASON = {
@@ -87,19 +86,16 @@ class HTTPError(Exception):
 
 # ---------------------------------------------------------------------------------------------- pure helpers
 def resolve_model_dir(model: str | None) -> Path:
-    """The model folder as an absolute path; relative paths are tried against the cwd, then the repo root."""
-    from deepfake.checkpoint import CheckpointError, read_metadata
+    """The model folder (default: the shipped model), checked at build time rather than in every replica."""
+    from deepfake.checkpoint import CheckpointError
+    from deepfake.checkpoint import resolve_model_dir as resolve
 
-    p = Path(model or DEFAULT_MODEL).expanduser()
-    if not p.is_absolute():
-        p = next((c for c in (Path.cwd() / p, REPO_ROOT / p) if c.is_dir()), Path.cwd() / p)
-    if not p.is_dir():
-        hint = " (the default; train one or pass model=DIR)" if model is None else ""
+    try:
+        return resolve(model)
+    except CheckpointError as e:
         raise CheckpointError(
-            f"model folder not found: {p}{hint}. Set args.model in serve_config.yaml or use deepfake serve --model DIR"
-        )
-    read_metadata(p)  # fail at build time, not in every replica
-    return p.resolve()
+            f"{e} (serve: set args.model in serve_config.yaml or use deepfake serve --model DIR)"
+        ) from None
 
 
 def gpu_shares(args: ServeArgs, cluster_gpus: float) -> tuple[float, float]:

@@ -434,6 +434,7 @@ def export_best(cfg, best, metrics, history, rep, seconds, cpus, scaling_config)
         ckpt_io.load_train_checkpoint(Path(d), model)
     keep = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc")
     hw = f"{cfg.train.workers} Ray Train worker(s) x {cpus} CPU" + (", GPU" if scaling_config.use_gpu else "")
+    hw += f" on {ckpt_io.host_info()}"
     data_summary = {k: v for k, v in rep.items() if k != "skipped_files"}
     meta = ckpt_io.build_metadata(
         cfg.model,
