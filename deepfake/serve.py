@@ -587,10 +587,9 @@ def load_serve_config(
 
 def start_local(spec: dict[str, Any], address: str | None = None) -> str:
     """Deploy `spec` (from load_serve_config) on an embedded (or given) Ray; returns the app URL."""
-    import ray
+    from deepfake.train import ensure_ray
 
-    if not ray.is_initialized():
-        ray.init(address=address, logging_level="WARNING")
+    ensure_ray(address)
     app = build_app(spec["args"])  # after ray.init, so the GPU check sees the cluster
     serve.start(http_options=spec["http_options"])
     serve.run(app, name=spec["name"], route_prefix=spec["route_prefix"], blocking=False)

@@ -304,11 +304,17 @@ def train_func(loop_config: dict[str, Any]) -> None:
 
 # ---------------------------------------------------------------------------------------------- driver
 def ensure_ray(address: str | None = None) -> None:
-    """Connect to RAY_ADDRESS/--address if given, else start an embedded local Ray in this process."""
+    """Connect to RAY_ADDRESS/--address if given, else start an embedded local Ray in this process.
+
+    Ray starts its workers at nice 15, so on a small machine every normal-priority process (this driver,
+    Ray's own daemons, an HTTP load generator) preempts the actual training or serving. The embedded
+    Ray is the whole job here, so its workers run at normal priority (RAY_worker_niceness overrides)."""
     import ray
 
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS")
+        if not address:
+            os.environ.setdefault("RAY_worker_niceness", "0")
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
 
 
