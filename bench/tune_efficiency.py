@@ -23,6 +23,7 @@ import pandas as pd
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_worker_niceness", "0")  # as deepfake.train.ensure_ray does for an embedded Ray
 
 from deepfake.config import Config  # noqa: E402
 from deepfake.tune import run_search  # noqa: E402
