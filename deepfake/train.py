@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 
 from deepfake import checkpoint as ckpt_io
@@ -303,7 +302,7 @@ def train_func(loop_config: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- driver
-def ensure_ray(address: str | None = None) -> None:
+def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Connect to RAY_ADDRESS/--address if given, else start an embedded local Ray in this process.
 
     Ray starts its workers at nice 15, so on a small machine every normal-priority process (this driver,
@@ -313,9 +312,9 @@ def ensure_ray(address: str | None = None) -> None:
 
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS")
-        if not address:
+        if address in (None, "", "local"):
             os.environ.setdefault("RAY_worker_niceness", "0")
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+        ray.init(address=address, num_cpus=num_cpus, logging_level=logging.WARNING, log_to_driver=True)
 
 
 def scaling(cfg: Config):
@@ -353,7 +352,8 @@ def prepare_splits(cfg: Config) -> tuple[Any, dict, dict[str, tuple[list[str], l
 
 
 def write_uri_files(uri_dir: str, files: dict[str, str]) -> None:
-    """Write small text files under a storage URI with pyarrow's filesystems (what Ray Train uses itself)."""
+    """Write small text files under a local folder or a storage URI with pyarrow's filesystems (what Ray
+    Train uses itself), so local and cloud runs store them the same way."""
     import pyarrow.fs
 
     fs, root = pyarrow.fs.FileSystem.from_uri(uri_dir)
@@ -379,18 +379,8 @@ def fit(cfg: Config, address: str | None = None, export: bool = True) -> dict[st
         storage = str(Path(storage).expanduser().resolve())
     run_dir = f"{storage}/{name}"
     split, rep, splits = prepare_splits(cfg)
-    if "://" not in run_dir:
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
-        cfg.save(Path(run_dir) / "config.yaml")
-        split.to_csv(Path(run_dir) / "split.csv", index=False)
-    else:  # cloud storage (s3://, gs://): the same two files, next to Ray's checkpoints
-        write_uri_files(
-            run_dir,
-            {
-                "config.yaml": yaml.safe_dump(cfg.to_dict(), sort_keys=False),
-                "split.csv": split.to_csv(index=False),
-            },
-        )
+    # the resolved config and the split, next to Ray's checkpoints (a local folder or s3:// / gs://)
+    write_uri_files(run_dir, {"config.yaml": cfg.to_yaml(), "split.csv": split.to_csv(index=False)})
     scaling_config, cpus = scaling(cfg)
     log.info(
         "run %s: %s, %d workers x %s CPU, GPU=%s", name, rep["splits"], cfg.train.workers, cpus, scaling_config.use_gpu
