@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import sys
 import tempfile
@@ -24,6 +23,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from report import emit  # noqa: E402 - bench/report.py, next to this script
 
 from deepfake.data import SAMPLE_DIR  # noqa: E402
 from deepfake.explain import cam_model, explain_images, map_cam_to_image, overlay_image  # noqa: E402
@@ -122,10 +123,7 @@ def main() -> None:
         "goal_speedup": 5.0,
         "load_average_1m_at_end": os.getloadavg()[0],
     }
-    print(json.dumps(result, indent=2))
-    if not args.quick or args.out != ap.get_default("out"):
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    emit(result, None if args.quick and args.out == ap.get_default("out") else args.out)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ import threading
 import time
 from pathlib import Path
 
+from report import emit  # noqa: E402 - bench/report.py, next to this script
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "cifake_train.tar.gz"
 
@@ -191,10 +193,7 @@ def main() -> None:
         "goal_ratio": 0.8,
         "load_average_1m_at_end": os.getloadavg()[0],
     }
-    print(json.dumps(result, indent=2))
-    if not args.quick or args.out != ap.get_default("out"):
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    emit(result, None if args.quick and args.out == ap.get_default("out") else args.out)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from report import emit  # noqa: E402 - bench/report.py, next to this script
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -223,11 +224,7 @@ def main() -> int:
     best_inproc = max(r["img_per_s"] for r in report["inprocess"])
     report["serve_req_s_over_inprocess_img_s"] = round(best / best_inproc, 3)
     report["loadavg_end"] = [round(x, 1) for x in os.getloadavg()]
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+    emit(report, args.out)
     if spec is not None:
         from ray import serve
 

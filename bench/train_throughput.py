@@ -10,13 +10,13 @@ images/s of the last epoch, so Ray's worker start-up (reported separately) does 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import time
 from pathlib import Path
 
 import torch
+from report import emit  # noqa: E402 - bench/report.py, next to this script
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -106,11 +106,7 @@ def main() -> None:
         },
         "goal": "Ray Train >= 0.95x the plain loop at equal total cores",
     }
-    text = json.dumps(fig, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+    emit(fig, args.out)
 
 
 if __name__ == "__main__":

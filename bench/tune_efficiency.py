@@ -11,7 +11,6 @@ and saves it to bench/results/tune_efficiency.json (or --out).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import platform
@@ -23,7 +22,8 @@ import pandas as pd
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("RAY_worker_niceness", "0")  # as deepfake.train.ensure_ray does for an embedded Ray
+
+from report import emit  # noqa: E402 - bench/report.py, next to this script
 
 from deepfake.config import Config  # noqa: E402
 from deepfake.tune import run_search  # noqa: E402
@@ -69,9 +69,9 @@ def main() -> None:
     if args.quick:
         args.data, args.trials, args.epochs, args.stem_stride = None, 4, 3, 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    import ray
+    from deepfake.train import ensure_ray
 
-    ray.init(address="local", num_cpus=int(args.max_concurrent * args.cpus_per_worker), logging_level="WARNING")
+    ensure_ray("local", num_cpus=int(args.max_concurrent * args.cpus_per_worker))
     work = Path(args.work or tempfile.mkdtemp(prefix="tune_eff_"))
     cfg = base_config(args)
 
@@ -123,10 +123,7 @@ def main() -> None:
         "host": f"{platform.node()} {os.cpu_count()} CPUs",
         "load_avg_at_end": os.getloadavg()[0],
     }
-    text = json.dumps(result, indent=2, default=str)
-    print(text)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
+    emit(result, args.out)
 
 
 if __name__ == "__main__":
