@@ -25,6 +25,7 @@ from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
+from deepfake.config import ConfigError
 from deepfake.inference import Predictor
 
 log = logging.getLogger(__name__)
@@ -136,7 +137,7 @@ def _target_index(predictor: Predictor, target: str | None) -> int | None:
     if target is None:
         return None
     if target not in predictor.classes:
-        raise ValueError(f"target {target!r} is not a class of this model (classes: {predictor.classes})")
+        raise ConfigError(f"target {target!r} is not a class of this model (classes: {predictor.classes})")
     return predictor.classes.index(target)
 
 
