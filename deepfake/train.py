@@ -203,22 +203,85 @@ def loader_kwargs(cfg: Config, device: torch.device) -> dict[str, Any]:
     return kw
 
 
-# ---------------------------------------------------------------------------------------------- Ray Train loop
+# ---------------------------------------------------------------------------------------------- the loop
+class TrainSession:
+    """Where the loop runs under Ray Train: DDP across the worker group, Train's checkpoints and reports."""
+
+    def __init__(self) -> None:
+        import ray.train
+        import ray.train.torch
+
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+
+    def prepare_loader(self, loader):
+        import ray.train.torch
+
+        return ray.train.torch.prepare_data_loader(loader)
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model, move_to_device=False)
+
+    def get_checkpoint(self):
+        import ray.train
+
+        return ray.train.get_checkpoint()
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        import ray.train
+
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+class TuneTrialSession:
+    """Where a one-worker Tune trial runs the loop: in the trial's own process, on the GPU Tune gave it if any.
+
+    No worker group, controller or process group to start, which is most of a short trial's cost; reports and
+    checkpoints go to Tune, so ASHA sees every epoch and a restored trial resumes from its last one."""
+
+    rank, world = 0, 1
+
+    def __init__(self) -> None:
+        self.device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+
+    def prepare_loader(self, loader):
+        return loader
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def get_checkpoint(self):
+        from ray import tune
+
+        return tune.get_checkpoint()
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        from ray import tune
+
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
+
+
 def train_func(loop_config: dict[str, Any]) -> None:
-    """Per-worker loop under Ray Train: DDP via prepare_model/prepare_data_loader, a report + checkpoint
-    every epoch, resume from `ray.train.get_checkpoint()`, early stopping agreed by all ranks."""
-    import ray.train
-    import ray.train.torch
+    """Ray Train's per-worker entry point."""
+    run_loop(loop_config, TrainSession())
+
+
+def run_loop(loop_config: dict[str, Any], session: TrainSession | TuneTrialSession) -> None:
+    """The one training loop: a report + checkpoint every epoch, resume from the session's checkpoint,
+    early stopping agreed by all ranks (the reduced validation loss is the same on each)."""
     from torch.utils.data import DataLoader, Subset
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = from_dict(loop_config["cfg"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    rank, world = session.rank, session.world
     if loop_config.get("threads"):
         torch.set_num_threads(int(loop_config["threads"]))
     torch.manual_seed(cfg.train.seed + rank)
-    device = ray.train.torch.get_device()
+    device = session.device
 
     datasets = make_datasets(cfg, loop_config["splits"])
     per_worker_batch = max(1, cfg.train.batch_size // world)
@@ -226,13 +289,13 @@ def train_func(loop_config: dict[str, Any]) -> None:
     train_loader = DataLoader(datasets["train"], batch_size=per_worker_batch, shuffle=True, drop_last=True, **kw)
     if len(train_loader) == 0:
         raise ValueError(f"the train split ({len(datasets['train'])} images) is smaller than one batch")
-    train_loader = ray.train.torch.prepare_data_loader(train_loader)
+    train_loader = session.prepare_loader(train_loader)
     # Validation shards by stride, without DistributedSampler's padding, so the reduced metrics are exact.
     val_ds = Subset(datasets["val"], range(rank, len(datasets["val"]), world))
     val_loader = DataLoader(val_ds, batch_size=per_worker_batch, **kw)
 
     model = to_device(create_model(cfg.model), device, cfg.model.channels_last)
-    model = ray.train.torch.prepare_model(model, move_to_device=False)
+    model = session.prepare_model(model)
     optimizer = build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(cfg, len(train_loader)))
     scaler = torch.amp.GradScaler("cuda") if amp_dtype(device, cfg.train.amp) == torch.float16 else None
@@ -240,7 +303,7 @@ def train_func(loop_config: dict[str, Any]) -> None:
     eval_loss = nn.CrossEntropyLoss(reduction="mean")
 
     state = ckpt_io.TrainState(epoch=0, best_val_loss=math.inf, epochs_since_best=0, history=[])
-    resumed = ray.train.get_checkpoint()
+    resumed = session.get_checkpoint()
     if resumed:
         with resumed.as_directory() as d:
             state, _ = ckpt_io.load_train_checkpoint(Path(d), model, optimizer, scheduler)
@@ -291,11 +354,9 @@ def train_func(loop_config: dict[str, Any]) -> None:
         if rank == 0:
             log.info("epoch %d: %s", epoch, {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
         with tempfile.TemporaryDirectory() as tmp:
-            checkpoint = None
             if rank == 0:
                 ckpt_io.save_train_checkpoint(Path(tmp), model, optimizer, scheduler, state, {})
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=checkpoint)
+            session.report(metrics, Path(tmp) if rank == 0 else None)
         if stop:
             log.info("early stopping: validation loss has not improved for %d epochs", cfg.train.patience)
             break

@@ -1,7 +1,10 @@
-"""Hyperparameter search with Ray Tune over the one training loop (`deepfake.train.train_func`).
+"""Hyperparameter search with Ray Tune over the one training loop (`deepfake.train.run_loop`).
 
-Each trial is a Tune function that builds and fits its own Ray Train `TorchTrainer(train_func)`; rank 0's
-per-epoch metrics reach Tune through `TuneReportCallback`, so ASHA can stop weak trials after any epoch.
+A trial with several workers (`tune.workers_per_trial > 1`) is a Tune function that builds and fits its own
+Ray Train `TorchTrainer(train_func)`; rank 0's per-epoch metrics reach Tune through `TuneReportCallback`.
+A one-worker trial runs the same loop in the trial's own process (`TuneTrialSession`), which saves starting
+a Train controller and worker group per trial: on small budgets that start-up costs as much as an epoch.
+Either way Tune sees every epoch, so ASHA can stop weak trials after any of them.
 The data set is scanned and split once, on the driver, and handed to trials through the object store.
 
 Inside a trial, Train's own early stopping is off (`train.patience = 0`): ASHA decides when a trial stops,
@@ -47,7 +50,7 @@ RESERVED = {
 }
 SEARCHERS = ("optuna", "random")
 EXPERIMENT_FILE = "search_config.yaml"
-DRIVER_CPU = 0.01  # the trial function only waits on its TorchTrainer (0 CPUs is refused by Tune)
+DRIVER_CPU = 0.01  # a multi-worker trial's function only waits on its TorchTrainer (0 CPUs is refused by Tune)
 
 
 # ---------------------------------------------------------------------------------------------- space (pure)
@@ -331,23 +334,45 @@ def _pin_cluster_address() -> None:
         propagate.add("RAY_ADDRESS")
 
 
+def trial_resources(t) -> dict[str, float]:
+    """What Tune reserves for the trial function itself: the whole trial when it trains in-process, a
+    sliver when it only drives a TorchTrainer whose workers reserve the rest."""
+    if t.workers_per_trial == 1:
+        res = {"cpu": t.cpus_per_trial_worker}
+        if t.gpus_per_trial_worker > 0:
+            res["gpu"] = t.gpus_per_trial_worker
+        return res
+    return {"cpu": DRIVER_CPU}
+
+
 def _trial(params: dict[str, Any], splits: dict, base: dict, train_storage: str) -> None:
-    """One trial: fit a TorchTrainer running the shared loop; rank 0's epoch metrics go to Tune.
+    """One trial of the shared loop: in-process for one worker, else a TorchTrainer forwarding rank 0's epochs.
 
-    The Train run is named by the trial id, so a restored (unfinished) trial resumes its Train run from
-    the last epoch checkpoint instead of starting over."""
+    A TorchTrainer run is named by the trial id, so a restored (unfinished) trial resumes its Train run from
+    the last epoch checkpoint; an in-process trial resumes from its last Tune checkpoint."""
     from ray import tune
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-    from ray.tune.integration.ray_train import TuneReportCallback
 
-    from deepfake.train import train_func
+    from deepfake.train import TuneTrialSession, run_loop, train_func
 
-    _pin_cluster_address()
     base_cfg = from_dict(base)
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(base_cfg, params, trial_id, train_storage)
     t = base_cfg.tune
+    loop_config = {
+        "cfg": cfg.to_dict(),
+        "splits": splits,
+        "run_dir": f"{train_storage}/{trial_id}",
+        "threads": max(1, round(t.cpus_per_trial_worker)),
+    }
+    if t.workers_per_trial == 1:
+        run_loop(loop_config, TuneTrialSession())
+        return
+
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    _pin_cluster_address()
     # The trial's driver holds DRIVER_CPU; its workers take the rest of the trial's share, so that
     # max_concurrent trials x workers x cpus_per_trial_worker CPUs fit the cluster exactly.
     per_worker: dict[str, float] = {"CPU": max(DRIVER_CPU, t.cpus_per_trial_worker - DRIVER_CPU / t.workers_per_trial)}
@@ -355,12 +380,7 @@ def _trial(params: dict[str, Any], splits: dict, base: dict, train_storage: str)
         per_worker["GPU"] = t.gpus_per_trial_worker
     trainer = TorchTrainer(
         train_func,
-        train_loop_config={
-            "cfg": cfg.to_dict(),
-            "splits": splits,
-            "run_dir": f"{train_storage}/{trial_id}",
-            "threads": max(1, round(t.cpus_per_trial_worker)),
-        },
+        train_loop_config=loop_config,
         scaling_config=ScalingConfig(
             num_workers=t.workers_per_trial, use_gpu=t.gpus_per_trial_worker > 0, resources_per_worker=per_worker
         ),
@@ -442,7 +462,7 @@ def run_search(
 
     trainable = tune.with_resources(
         tune.with_parameters(_trial, splits=splits, base=cfg.to_dict(), train_storage=train_storage),
-        {"cpu": DRIVER_CPU},
+        trial_resources(cfg.tune),
     )
     space = to_tune_space(specs)
     start = time.time()
@@ -454,6 +474,7 @@ def run_search(
         )
     else:
         t = cfg.tune
+        in_process = t.workers_per_trial == 1  # else the TorchTrainer retries its own workers
         if scheduler == "asha":
             sched = ASHAScheduler(
                 time_attr="epoch", max_t=t.epochs, grace_period=t.grace_period, reduction_factor=t.reduction_factor
@@ -478,7 +499,14 @@ def run_search(
                 max_concurrent_trials=None if isinstance(searcher, BasicVariantGenerator) else t.max_concurrent,
                 trial_dirname_creator=lambda trial: trial.trial_id,
             ),
-            run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=1),
+            run_config=tune.RunConfig(
+                name=name,
+                storage_path=str(storage),
+                verbose=1,
+                # in-process trials: Tune keeps their epoch checkpoints and restarts a crashed one from the last
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                failure_config=tune.FailureConfig(max_failures=cfg.train.max_failures if in_process else 0),
+            ),
         )
     grid = tuner.fit()
     seconds = time.time() - start

@@ -158,6 +158,11 @@ def test_asha_stops_a_hopeless_trial_and_best_config_trains_unchanged(ray_local,
     assert summary["stopped_early"] >= 1 and summary["trials"] == 3
     assert set(df[df["config/train.lr"] < 1]["epochs_run"]) <= {1, 2}
     assert (out / "val_acc_per_trial.png").stat().st_size > 1000 and (out / "acc_vs_lr.png").is_file()
+    # one-worker trials train in the trial's own process: no Train run of their own, Tune keeps the checkpoints
+    for trial_id in df["trial_id"]:
+        assert {r["world_size"] for r in _results(out / "ray" / "search", trial_id)} == {1}
+        assert any((out / "ray" / "search" / trial_id).glob("checkpoint_*"))
+    assert not (out / "trials").exists()
 
     best = cfgmod.load(out / "best_config.yaml")
     assert best.train.lr in (1e-3, 2e-3) and summary["best_params"]["train.lr"] == best.train.lr
@@ -168,6 +173,25 @@ def test_asha_stops_a_hopeless_trial_and_best_config_trains_unchanged(ray_local,
     assert rc == 0
     meta = json.loads((tmp_path / "model" / "config.json").read_text())["deepfake"]
     assert meta["config"]["train"]["lr"] == best.train.lr and meta["epochs_run"] == 1
+
+
+def _results(exp_dir: Path, trial_id: str) -> list[dict]:
+    return [json.loads(line) for line in (exp_dir / trial_id / "result.json").read_text().splitlines() if line]
+
+
+@pytest.mark.slow
+def test_multi_worker_trials_train_data_parallel(ray_local, small_sample, tmp_path):
+    cfg = _base(small_sample, tmp_path, samples=1, epochs=1, max_concurrent=1, workers_per_trial=2)
+    cfg.tune.searcher, cfg.tune.space = "random", {"lr": {"choice": [1e-3]}}
+    cfg.model.stem_stride = 2
+    out = tmp_path / "search"
+    summary = tm.run_search(cfg, out)
+    assert summary["trials"] == 1 and summary["errored"] == 0
+    trial = pd.read_csv(out / "trials.csv").iloc[0]
+    assert trial["status"] == "TERMINATED" and trial["epochs_run"] == 1
+    # a TorchTrainer with two workers ran it: its own Train run (with a checkpoint) and world_size 2 in Tune
+    assert [r["world_size"] for r in _results(out / "ray" / "search", trial["trial_id"])] == [2]
+    assert any((out / "trials" / trial["trial_id"]).glob("checkpoint_*"))
 
 
 def _terminated(exp_dir: Path) -> set[str]:
