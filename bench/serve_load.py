@@ -43,29 +43,49 @@ def load_images(folder: Path, limit: int) -> list[bytes]:
     return [p.read_bytes() for p in files]
 
 
-async def run_clients(url: str, images: list[bytes], clients: int, duration: float, on_tick=None) -> dict:
-    """`clients` loops, each sending one request at a time until the deadline (bounded: no open-ended queue)."""
+def cpu_busy_seconds() -> float:
+    """Busy CPU seconds of the whole machine so far (/proc/stat), to state what one request costs in CPU."""
+    fields = [float(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+async def run_clients(
+    url: str, images: list[bytes], clients: int, duration: float, on_tick=None, path: str = "/predict"
+) -> dict:
+    """`clients` loops, each sending one request at a time until the deadline (bounded: no open-ended queue).
+
+    aiohttp, not httpx: the load generator shares this machine's cores with the server, and aiohttp costs
+    several times less CPU per request. `path="/healthz"` sends GETs: the HTTP path alone, no model."""
+    import aiohttp
+
     latencies: list[float] = []
     statuses: Counter[str] = Counter()
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     start = time.perf_counter()
     deadline = start + duration
+    cpu0, own0 = cpu_busy_seconds(), time.process_time()
 
-    async def client(i: int, http: httpx.AsyncClient) -> None:
+    async def client(i: int, http: aiohttp.ClientSession) -> None:
         k = i
         while time.perf_counter() < deadline:
             body = images[k % len(images)]
             k += clients
             t0 = time.perf_counter()
             try:
-                r = await http.post(f"{url}/predict", content=body)
-                statuses[str(r.status_code)] += 1
-                if r.status_code == 200:
+                if path == "/healthz":
+                    r = await http.get(f"{url}{path}")
+                else:
+                    r = await http.post(f"{url}{path}", data=body, headers={"content-type": "image/jpeg"})
+                async with r:
+                    await r.read()
+                statuses[str(r.status)] += 1
+                if r.status == 200:
                     latencies.append(time.perf_counter() - t0)
-            except httpx.HTTPError as e:
+            except (TimeoutError, aiohttp.ClientError) as e:
                 statuses[type(e).__name__] += 1
 
-    async with httpx.AsyncClient(timeout=120, limits=limits) as http:
+    conn = aiohttp.TCPConnector(limit=clients)
+    async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=120)) as http:
         tasks = [asyncio.create_task(client(i, http)) for i in range(clients)]
         if on_tick is not None:
             tasks.append(asyncio.create_task(on_tick(start)))
@@ -73,7 +93,9 @@ async def run_clients(url: str, images: list[bytes], clients: int, duration: flo
     elapsed = time.perf_counter() - start
     lat = np.array(latencies) * 1000 if latencies else np.array([np.nan])
     ok = statuses.get("200", 0)
+    done = max(1, sum(statuses.values()))
     return {
+        "path": path,
         "clients": clients,
         "duration_s": round(elapsed, 2),
         "requests": sum(statuses.values()),
@@ -81,6 +103,9 @@ async def run_clients(url: str, images: list[bytes], clients: int, duration: flo
         "req_per_s": round(ok / elapsed, 2),
         "latency_ms": {f"p{q}": round(float(np.percentile(lat, q)), 1) for q in (50, 95, 99)},
         "errors_by_status": {k: v for k, v in sorted(statuses.items()) if k != "200"},
+        # all CPU on the machine (server, Ray, load generator) and the load generator's share, per request
+        "cpu_ms_per_request": round(1000 * (cpu_busy_seconds() - cpu0) / done, 2),
+        "client_cpu_ms_per_request": round(1000 * (time.process_time() - own0) / done, 2),
     }
 
 
@@ -95,7 +120,7 @@ def inprocess_throughput(model: str, images: list[bytes], batch_size: int, secon
     pred = Predictor.from_dir(model, device="auto")
     pil = [decode_image(b) for b in images]
     pred.predict_images(pil[:batch_size])  # warm-up
-    n, t0 = 0, time.perf_counter()
+    n, t0, cpu0 = 0, time.perf_counter(), time.process_time()
     i = 0
     while time.perf_counter() - t0 < seconds:
         batch = [decode_image(images[(i + j) % len(images)]) for j in range(batch_size)]
@@ -105,6 +130,7 @@ def inprocess_throughput(model: str, images: list[bytes], batch_size: int, secon
     elapsed = time.perf_counter() - t0
     return {
         "img_per_s": round(n / elapsed, 1),
+        "cpu_ms_per_image": round(1000 * (time.process_time() - cpu0) / n, 2),
         "batch_size": batch_size,
         "device": str(pred.device),
         "torch_threads": torch.get_num_threads(),
@@ -144,9 +170,13 @@ def main() -> int:
     ap.add_argument("--warmup", type=float, default=5, help="seconds of load before measuring (autoscaling)")
     ap.add_argument("--detector-cpus", type=float, help="logical CPUs per Detector replica (overrides config)")
     ap.add_argument("--max-replicas", type=int, help="Detector max_replicas (overrides config)")
+    ap.add_argument(
+        "--access-log", choices=("on", "off"), help="Serve's per-request access log (default: as the config says)"
+    )
     ap.add_argument("--kill-replica", action="store_true", help="one more run that kills a Detector replica")
     ap.add_argument("--kill-at", type=float, default=10, help="seconds into the kill run")
     ap.add_argument("--inproc-seconds", type=float, default=15)
+    ap.add_argument("--healthz-seconds", type=float, default=20, help="GET /healthz run first (0: skip)")
     ap.add_argument("--quick", action="store_true", help="16 clients, 10 s, no 256 run")
     ap.add_argument("--out", help="write the JSON here too")
     args = ap.parse_args()
@@ -154,6 +184,7 @@ def main() -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     if args.quick:
         args.clients, args.duration, args.warmup, args.inproc_seconds, args.kill_at = "16", 10, 2, 5, 3
+        args.healthz_seconds = min(args.healthz_seconds, 5)
 
     from deepfake import serve as dserve
 
@@ -174,6 +205,8 @@ def main() -> int:
             spec["args"]["detector_num_cpus"] = args.detector_cpus
         if args.max_replicas is not None:
             det["autoscaling_config"] = {**det.get("autoscaling_config", {}), "max_replicas": args.max_replicas}
+        if args.access_log:
+            spec["logging_config"] = {**(spec["logging_config"] or {}), "enable_access_log": args.access_log == "on"}
         app_name = spec["name"]
         url = dserve.start_local(spec)
         _wait_healthy(url)
@@ -188,8 +221,15 @@ def main() -> int:
         "cpu_count": os.cpu_count(),
         "loadavg_start": [round(x, 1) for x in os.getloadavg()],
         "serve_args": spec["args"] if spec else None,
+        "logging_config": spec["logging_config"] if spec else None,
         "runs": [],
     }
+    if args.healthz_seconds:
+        # The ceiling the HTTP path alone allows here: proxy + ingress answering GET /healthz, no model.
+        report["healthz"] = asyncio.run(
+            run_clients(url, images, int(args.clients.split(",")[0]), args.healthz_seconds, path="/healthz")
+        )
+        log.info("healthz: %s", json.dumps(report["healthz"]))
     for clients in [int(c) for c in args.clients.split(",")]:
         if args.warmup:
             asyncio.run(run_clients(url, images, clients, args.warmup))

@@ -4,6 +4,10 @@ Both searches run in this process, on one local Ray, on the same data split: fir
 random searcher, then FIFO over exactly the configs ASHA sampled (Tune's points_to_evaluate). Prints JSON
 and saves it to bench/results/tune_efficiency.json (or --out).
 
+The default budget is 9 epochs with grace 1 and reduction factor 3, so ASHA has rungs at 1 and 3 epochs
+before the full 9. Ray's ASHA is the stopping variant: the first trial to reach a rung always goes on
+(there is nothing to compare it with yet), so with only 8 trials some early ones run the whole budget.
+
     .venv/bin/python bench/tune_efficiency.py --data ../shared/data/cifake_small.tar.gz
     .venv/bin/python bench/tune_efficiency.py --quick          # shipped sample, 4 trials, 3 epochs
 """
@@ -56,7 +60,7 @@ def main() -> None:
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--stem-stride", type=int, default=1)
     p.add_argument("--trials", type=int, default=8)
-    p.add_argument("--epochs", type=int, default=6, help="per-trial budget (ASHA max_t)")
+    p.add_argument("--epochs", type=int, default=9, help="per-trial budget (ASHA max_t)")
     p.add_argument("--grace", type=int, default=1)
     p.add_argument("--rf", type=int, default=3)
     p.add_argument("--max-concurrent", type=int, default=2)

@@ -582,6 +582,8 @@ def load_serve_config(
         "http_options": http,
         "name": app.get("name", "deepfake"),
         "route_prefix": app.get("route_prefix", "/"),
+        # Serve's own logging settings (e.g. enable_access_log), as `serve deploy` applies them
+        "logging_config": app.get("logging_config") or cfg.get("logging_config"),
     }
 
 
@@ -591,8 +593,14 @@ def start_local(spec: dict[str, Any], address: str | None = None) -> str:
 
     ensure_ray(address)
     app = build_app(spec["args"])  # after ray.init, so the GPU check sees the cluster
-    serve.start(http_options=spec["http_options"])
-    serve.run(app, name=spec["name"], route_prefix=spec["route_prefix"], blocking=False)
+    serve.start(http_options=spec["http_options"], logging_config=spec.get("logging_config"))
+    serve.run(
+        app,
+        name=spec["name"],
+        route_prefix=spec["route_prefix"],
+        logging_config=spec.get("logging_config"),
+        blocking=False,
+    )
     http = spec["http_options"]
     host = http.get("host") or "127.0.0.1"
     host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
