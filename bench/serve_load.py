@@ -170,6 +170,9 @@ def main() -> int:
     ap.add_argument("--warmup", type=float, default=5, help="seconds of load before measuring (autoscaling)")
     ap.add_argument("--detector-cpus", type=float, help="logical CPUs per Detector replica (overrides config)")
     ap.add_argument("--max-replicas", type=int, help="Detector max_replicas (overrides config)")
+    ap.add_argument("--target-ongoing", type=int, help="Detector target_ongoing_requests (overrides config)")
+    ap.add_argument("--max-batch", type=int, help="Detector max_batch_size (overrides config)")
+    ap.add_argument("--batch-wait", type=float, help="Detector batch_wait_timeout_s (overrides config)")
     ap.add_argument(
         "--access-log", choices=("on", "off"), help="Serve's per-request access log (default: as the config says)"
     )
@@ -205,6 +208,16 @@ def main() -> int:
             spec["args"]["detector_num_cpus"] = args.detector_cpus
         if args.max_replicas is not None:
             det["autoscaling_config"] = {**det.get("autoscaling_config", {}), "max_replicas": args.max_replicas}
+        if args.target_ongoing is not None:
+            det["autoscaling_config"] = {
+                **det.get("autoscaling_config", {}),
+                "target_ongoing_requests": args.target_ongoing,
+            }
+        if args.max_batch is not None:
+            spec["args"]["max_batch_size"] = args.max_batch
+            det["max_ongoing_requests"] = max(det.get("max_ongoing_requests", 0), 2 * args.max_batch)
+        if args.batch_wait is not None:
+            spec["args"]["batch_wait_timeout_s"] = args.batch_wait
         if args.access_log:
             spec["logging_config"] = {**(spec["logging_config"] or {}), "enable_access_log": args.access_log == "on"}
         app_name = spec["name"]

@@ -60,8 +60,10 @@ class ServeArgs(BaseModel):
     detector_num_cpus: float = 1.0
     explainer_num_cpus: float = 0.5
     ingress_num_cpus: float = 0.1
-    max_batch_size: int = Field(16, ge=1)
-    batch_wait_timeout_s: float = Field(0.01, ge=0)
+    # On CPU a forward pass of a few images costs nearly what a full batch does: waiting 50 ms for a batch
+    # to fill gave 6x the req/s of a 10 ms wait under 64 clients (bench/serve_load.py).
+    max_batch_size: int = Field(32, ge=1)
+    batch_wait_timeout_s: float = Field(0.05, ge=0)
     explain_batch_size: int = Field(4, ge=1)
     max_body_bytes: int = Field(10 * 2**20, ge=1)
     max_pixels: int = Field(MAX_PIXELS, ge=1)
@@ -177,7 +179,7 @@ class Detector:
             self.last_ok = time.monotonic()
         log.info("Detector %s ready: %s on %s", self.replica, self.predictor.version, self.predictor.device)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    @serve.batch  # sizes are set per replica in __init__ from ServeArgs
     async def predict(self, images: list[Image.Image]) -> list[dict[str, Any]]:
         n = len(images)
         self.batch_sizes[n] += 1
