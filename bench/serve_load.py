@@ -51,12 +51,19 @@ def cpu_busy_seconds() -> float:
 
 
 async def run_clients(
-    url: str, images: list[bytes], clients: int, duration: float, on_tick=None, path: str = "/predict"
+    url: str,
+    images: list[bytes],
+    clients: int,
+    duration: float,
+    on_tick=None,
+    path: str = "/predict",
+    honour_retry_after: bool = False,
 ) -> dict:
     """`clients` loops, each sending one request at a time until the deadline (bounded: no open-ended queue).
 
     aiohttp, not httpx: the load generator shares this machine's cores with the server, and aiohttp costs
-    several times less CPU per request. `path="/healthz"` sends GETs: the HTTP path alone, no model."""
+    several times less CPU per request. `path="/healthz"` sends GETs: the HTTP path alone, no model.
+    `honour_retry_after`: a client told 503 + Retry-After waits that long, as a well-behaved client would."""
     import aiohttp
 
     latencies: list[float] = []
@@ -81,6 +88,9 @@ async def run_clients(
                 statuses[str(r.status)] += 1
                 if r.status == 200:
                     latencies.append(time.perf_counter() - t0)
+                elif honour_retry_after and r.status == 503:
+                    wait = float(r.headers.get("Retry-After", "1") or 1)
+                    await asyncio.sleep(min(wait, max(0.0, deadline - time.perf_counter())))
             except (TimeoutError, aiohttp.ClientError) as e:
                 statuses[type(e).__name__] += 1
 
@@ -97,6 +107,7 @@ async def run_clients(
     return {
         "path": path,
         "clients": clients,
+        "honour_retry_after": honour_retry_after,
         "duration_s": round(elapsed, 2),
         "requests": sum(statuses.values()),
         "ok": ok,
@@ -172,11 +183,16 @@ def main() -> int:
     ap.add_argument("--max-replicas", type=int, help="Detector max_replicas (overrides config)")
     ap.add_argument("--target-ongoing", type=int, help="Detector target_ongoing_requests (overrides config)")
     ap.add_argument("--max-batch", type=int, help="Detector max_batch_size (overrides config)")
+    ap.add_argument("--max-queued", type=int, help="Detector max_queued_requests (overrides config)")
+    ap.add_argument("--max-ongoing", type=int, help="Detector max_ongoing_requests (overrides config)")
     ap.add_argument("--batch-wait", type=float, help="Detector batch_wait_timeout_s (overrides config)")
     ap.add_argument(
         "--access-log", choices=("on", "off"), help="Serve's per-request access log (default: as the config says)"
     )
     ap.add_argument("--kill-replica", action="store_true", help="one more run that kills a Detector replica")
+    ap.add_argument(
+        "--honour-retry-after", action="store_true", help="clients wait out a 503's Retry-After before resending"
+    )
     ap.add_argument("--kill-at", type=float, default=10, help="seconds into the kill run")
     ap.add_argument("--inproc-seconds", type=float, default=15)
     ap.add_argument("--healthz-seconds", type=float, default=20, help="GET /healthz run first (0: skip)")
@@ -216,6 +232,10 @@ def main() -> int:
         if args.max_batch is not None:
             spec["args"]["max_batch_size"] = args.max_batch
             det["max_ongoing_requests"] = max(det.get("max_ongoing_requests", 0), 2 * args.max_batch)
+        if args.max_ongoing is not None:
+            det["max_ongoing_requests"] = args.max_ongoing
+        if args.max_queued is not None:
+            det["max_queued_requests"] = args.max_queued
         if args.batch_wait is not None:
             spec["args"]["batch_wait_timeout_s"] = args.batch_wait
         if args.access_log:
@@ -246,7 +266,7 @@ def main() -> int:
     for clients in [int(c) for c in args.clients.split(",")]:
         if args.warmup:
             asyncio.run(run_clients(url, images, clients, args.warmup))
-        res = asyncio.run(run_clients(url, images, clients, args.duration))
+        res = asyncio.run(run_clients(url, images, clients, args.duration, honour_retry_after=args.honour_retry_after))
         res["detector"] = _stats(url)
         res["detector_replicas"] = _replica_count(app_name)
         log.info("%s", json.dumps(res))

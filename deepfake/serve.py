@@ -487,7 +487,9 @@ def build_app(args: ServeArgs | dict[str, Any] | None = None) -> serve.Applicati
     detector = Detector.options(
         **{
             "ray_actor_options": {"num_cpus": a.detector_num_cpus, "num_gpus": det_gpu},
-            "max_ongoing_requests": 2 * bs,  # >= batch size, or the replica's admission limit caps batches
+            # >= batch size, or the admission limit caps batches; well above it, so waiting happens in the
+            # replica's batch queue and not in the routers, whose probing of full replicas costs CPU
+            "max_ongoing_requests": 8 * bs,
             "max_queued_requests": 16 * bs,  # beyond this the Ingress answers 503 instead of queueing unboundedly
             "autoscaling_config": {
                 "min_replicas": 1,
