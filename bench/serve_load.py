@@ -219,25 +219,19 @@ def main() -> int:
     else:
         spec = dserve.load_serve_config(dserve.find_config(args.config), model=args.model)
         spec["http_options"].update(host="127.0.0.1", port=_free_port())
+        # command-line overrides of the config: application args, Detector options, its autoscaling
+        spec["args"].update(
+            _given(
+                detector_num_cpus=args.detector_cpus,
+                max_batch_size=args.max_batch,
+                batch_wait_timeout_s=args.batch_wait,
+            )
+        )
         det = spec["args"].setdefault("detector_options", {})
-        if args.detector_cpus is not None:
-            spec["args"]["detector_num_cpus"] = args.detector_cpus
-        if args.max_replicas is not None:
-            det["autoscaling_config"] = {**det.get("autoscaling_config", {}), "max_replicas": args.max_replicas}
-        if args.target_ongoing is not None:
-            det["autoscaling_config"] = {
-                **det.get("autoscaling_config", {}),
-                "target_ongoing_requests": args.target_ongoing,
-            }
-        if args.max_batch is not None:
-            spec["args"]["max_batch_size"] = args.max_batch
-            det["max_ongoing_requests"] = max(det.get("max_ongoing_requests", 0), 2 * args.max_batch)
-        if args.max_ongoing is not None:
-            det["max_ongoing_requests"] = args.max_ongoing
-        if args.max_queued is not None:
-            det["max_queued_requests"] = args.max_queued
-        if args.batch_wait is not None:
-            spec["args"]["batch_wait_timeout_s"] = args.batch_wait
+        det.update(_given(max_ongoing_requests=args.max_ongoing, max_queued_requests=args.max_queued))
+        auto = _given(max_replicas=args.max_replicas, target_ongoing_requests=args.target_ongoing)
+        if auto:
+            det["autoscaling_config"] = {**det.get("autoscaling_config", {}), **auto}
         if args.access_log:
             spec["logging_config"] = {**(spec["logging_config"] or {}), "enable_access_log": args.access_log == "on"}
         app_name = spec["name"]
@@ -303,6 +297,11 @@ def main() -> int:
 
         serve.shutdown()
     return 0
+
+
+def _given(**options) -> dict:
+    """The options that were set on the command line (None: keep the config's value)."""
+    return {k: v for k, v in options.items() if v is not None}
 
 
 def _free_port() -> int:

@@ -334,10 +334,15 @@ def _pin_cluster_address() -> None:
         propagate.add("RAY_ADDRESS")
 
 
+def in_process(t) -> bool:
+    """A one-worker trial trains in the trial's own process; several workers need a TorchTrainer."""
+    return t.workers_per_trial == 1
+
+
 def trial_resources(t) -> dict[str, float]:
     """What Tune reserves for the trial function itself: the whole trial when it trains in-process, a
     sliver when it only drives a TorchTrainer whose workers reserve the rest."""
-    if t.workers_per_trial == 1:
+    if in_process(t):
         res = {"cpu": t.cpus_per_trial_worker}
         if t.gpus_per_trial_worker > 0:
             res["gpu"] = t.gpus_per_trial_worker
@@ -364,7 +369,7 @@ def _trial(params: dict[str, Any], splits: dict, base: dict, train_storage: str)
         "run_dir": f"{train_storage}/{trial_id}",
         "threads": max(1, round(t.cpus_per_trial_worker)),
     }
-    if t.workers_per_trial == 1:
+    if in_process(t):
         run_loop(loop_config, TuneTrialSession())
         return
 
@@ -474,7 +479,6 @@ def run_search(
         )
     else:
         t = cfg.tune
-        in_process = t.workers_per_trial == 1  # else the TorchTrainer retries its own workers
         if scheduler == "asha":
             sched = ASHAScheduler(
                 time_attr="epoch", max_t=t.epochs, grace_period=t.grace_period, reduction_factor=t.reduction_factor
@@ -505,7 +509,8 @@ def run_search(
                 verbose=1,
                 # in-process trials: Tune keeps their epoch checkpoints and restarts a crashed one from the last
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                failure_config=tune.FailureConfig(max_failures=cfg.train.max_failures if in_process else 0),
+                # (a TorchTrainer trial retries its own workers instead)
+                failure_config=tune.FailureConfig(max_failures=cfg.train.max_failures if in_process(t) else 0),
             ),
         )
     grid = tuner.fit()
