@@ -316,6 +316,9 @@ def run_loop(loop_config: dict[str, Any], session: TrainSession | TuneTrialSessi
                 marker.parent.mkdir(parents=True, exist_ok=True)
                 marker.touch()
                 raise RuntimeError(f"injected failure at epoch {epoch} (fail_at_epoch)")
+        # Seeded per epoch, so that a run resumed from a checkpoint (a crash, a paused trial) shuffles and
+        # augments exactly as the uninterrupted run would have.
+        torch.manual_seed(cfg.train.seed + 1009 * epoch + rank)
         if hasattr(train_loader, "sampler") and hasattr(train_loader.sampler, "set_epoch"):
             train_loader.sampler.set_epoch(epoch)
         tr = train_one_epoch(
