@@ -4,9 +4,11 @@ Both searches run in this process, on one local Ray, on the same data split: fir
 random searcher, then FIFO over exactly the configs ASHA sampled (Tune's points_to_evaluate). Prints JSON
 and saves it to bench/results/tune_efficiency.json (or --out).
 
-The default budget is 9 epochs with grace 1 and reduction factor 3, so ASHA has rungs at 1 and 3 epochs
-before the full 9. Ray's ASHA is the stopping variant: the first trial to reach a rung always goes on
-(there is nothing to compare it with yet), so with only 8 trials some early ones run the whole budget.
+The default budget is 16 epochs with grace 1 and reduction factor 4: rungs at 1 and 4 epochs before the
+full 16. `--scheduler asha` (the default, `deepfake.asha.PromotingASHA`) pauses every trial at every rung
+and resumes only the top quarter; `--scheduler asha-stop` is Ray's ASHAScheduler, the stopping variant,
+where the first trials to reach a rung always go on (there is nothing to compare them with yet), so with
+only 8 trials about half of them run the whole budget.
 
     .venv/bin/python bench/tune_efficiency.py --data ../shared/data/cifake_small.tar.gz
     .venv/bin/python bench/tune_efficiency.py --quick          # shipped sample, 4 trials, 3 epochs
@@ -60,9 +62,10 @@ def main() -> None:
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--stem-stride", type=int, default=1)
     p.add_argument("--trials", type=int, default=8)
-    p.add_argument("--epochs", type=int, default=9, help="per-trial budget (ASHA max_t)")
+    p.add_argument("--epochs", type=int, default=16, help="per-trial budget (ASHA max_t)")
     p.add_argument("--grace", type=int, default=1)
-    p.add_argument("--rf", type=int, default=3)
+    p.add_argument("--rf", type=int, default=4)
+    p.add_argument("--scheduler", choices=["asha", "asha-stop"], default="asha")
     p.add_argument("--max-concurrent", type=int, default=2)
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
@@ -80,7 +83,7 @@ def main() -> None:
     cfg = base_config(args)
 
     start = time.time()
-    asha = run_search(cfg, work / "asha")
+    asha = run_search(cfg, work / "asha", scheduler=args.scheduler)
     asha_wall = time.time() - start
     trials = pd.read_csv(work / "asha" / "trials.csv")
     keys = [c for c in trials.columns if c.startswith("config/")]
@@ -106,6 +109,7 @@ def main() -> None:
         "image_size": args.image_size,
         "stem_stride": args.stem_stride,
         "trials": args.trials,
+        "scheduler": args.scheduler,
         "epochs_budget": args.epochs,
         "grace_period": args.grace,
         "reduction_factor": args.rf,

@@ -214,6 +214,7 @@ TUNE_FLAGS: dict[str, tuple[str, type, str]] = {
     "--tune-epochs": ("tune.epochs", int, "per-trial epoch budget (ASHA max_t)"),
     "--grace-period": ("tune.grace_period", int, "ASHA: epochs before a trial can be stopped"),
     "--reduction-factor": ("tune.reduction_factor", int, "ASHA: keep 1/N at each rung"),
+    "--trial-scheduler": ("tune.scheduler", str, "asha (pause + promote) | asha-stop (Ray's ASHAScheduler) | fifo"),
     "--searcher": ("tune.searcher", str, "optuna (TPE) | random"),
     "--max-concurrent": ("tune.max_concurrent", int, "trials at once"),
     "--workers-per-trial": ("tune.workers_per_trial", int, "Ray Train workers per trial"),

@@ -49,6 +49,7 @@ RESERVED = {
     "train.fail_at_epoch": "fault injection is for tests of train only",
 }
 SEARCHERS = ("optuna", "random")
+SCHEDULERS = ("asha", "asha-stop", "fifo")
 EXPERIMENT_FILE = "search_config.yaml"
 DRIVER_CPU = 0.01  # a multi-worker trial's function only waits on its TorchTrainer (0 CPUs is refused by Tune)
 
@@ -228,6 +229,8 @@ def validate(cfg: Config) -> dict[str, ParamSpec]:
         raise ConfigError(f"tune.grace_period ({t.grace_period}) exceeds the per-trial budget tune.epochs ({t.epochs})")
     if t.mode not in ("min", "max"):
         raise ConfigError(f"tune.mode: expected min or max, got {t.mode!r}")
+    if t.scheduler not in SCHEDULERS:
+        raise ConfigError(f"tune.scheduler: expected one of {', '.join(SCHEDULERS)}, got {t.scheduler!r}")
     known = ("val_acc", "val_loss", "train_acc", "train_loss")
     if t.metric not in known:
         raise ConfigError(f"tune.metric: {t.metric!r} is not reported per epoch (one of {', '.join(known)})")
@@ -400,20 +403,61 @@ def _trial(params: dict[str, Any], splits: dict, base: dict, train_storage: str)
     trainer.fit()
 
 
-def make_searcher(cfg: Config, specs: dict[str, ParamSpec]):
-    """Optuna TPE behind a ConcurrencyLimiter; random search when asked, or when Optuna is missing."""
+def make_searcher(cfg: Config, specs: dict[str, ParamSpec], paused: set[str] | None = None, points=None):
+    """Optuna TPE behind a concurrency limit; random search when asked, or when Optuna is missing.
+
+    `paused`: the promoting scheduler's paused trials, which must not hold a concurrency slot.
+    `points` (benchmarks): evaluate exactly these configs, in order, with the random generator."""
     from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 
+    from deepfake.asha import limit_active
+
     t = cfg.tune
-    if t.searcher == "optuna":
+    if t.searcher == "optuna" and not points:
         try:
             import optuna  # noqa: F401
             from ray.tune.search.optuna import OptunaSearch
         except ImportError:
             log.warning("optuna is not installed: falling back to random search")
         else:
-            return ConcurrencyLimiter(OptunaSearch(seed=cfg.train.seed), max_concurrent=t.max_concurrent)
-    return BasicVariantGenerator(max_concurrent=t.max_concurrent, random_state=cfg.train.seed)
+            tpe = OptunaSearch(seed=cfg.train.seed)
+            if paused is not None:
+                return limit_active(tpe, t.max_concurrent, paused)
+            return ConcurrencyLimiter(tpe, max_concurrent=t.max_concurrent)
+    kwargs = {"points_to_evaluate": points} if points else {"random_state": cfg.train.seed}
+    if paused is not None:
+        return limit_active(None, t.max_concurrent, paused, **kwargs)
+    return BasicVariantGenerator(max_concurrent=t.max_concurrent, **kwargs)
+
+
+def n_trials(cfg: Config, specs: dict[str, ParamSpec]) -> int:
+    """Trials a search will run: `samples`, times every grid's size (Tune repeats the grid per sample)."""
+    return cfg.tune.samples * math.prod(len(s.args) for s in specs.values() if s.dist == "grid")
+
+
+def make_scheduler(cfg: Config, specs: dict[str, ParamSpec], name: str):
+    """The trial scheduler `name` (tune.scheduler) over the per-trial epoch budget."""
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from deepfake.asha import PromotingASHA
+
+    t = cfg.tune
+    if name == "asha":
+        return PromotingASHA(
+            time_attr="epoch",
+            metric=t.metric,
+            mode=t.mode,
+            max_t=t.epochs,
+            grace_period=t.grace_period,
+            reduction_factor=t.reduction_factor,
+            num_samples=n_trials(cfg, specs),
+            max_concurrent=t.max_concurrent,
+        )
+    if name == "asha-stop":
+        return ASHAScheduler(
+            time_attr="epoch", max_t=t.epochs, grace_period=t.grace_period, reduction_factor=t.reduction_factor
+        )
+    return FIFOScheduler()
 
 
 def _paths(cfg: Config, out: str | Path | None) -> tuple[Path, str, Path]:
@@ -438,14 +482,13 @@ def run_search(
     resume: bool = False,
     address: str | None = None,
     points: list[dict[str, Any]] | None = None,
-    scheduler: str = "asha",
+    scheduler: str | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) a search and write best_config.yaml, trials.csv and plots into `out`.
 
     `points` (benchmarks): evaluate exactly these configs, in order, with the random generator;
-    `scheduler="fifo"` runs every trial to the full budget."""
+    `scheduler` overrides `tune.scheduler` ("fifo" runs every trial to the full budget)."""
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import BasicVariantGenerator
 
     from deepfake.train import ensure_ray, prepare_splits
@@ -479,24 +522,18 @@ def run_search(
         )
     else:
         t = cfg.tune
-        if scheduler == "asha":
-            sched = ASHAScheduler(
-                time_attr="epoch", max_t=t.epochs, grace_period=t.grace_period, reduction_factor=t.reduction_factor
-            )
-        else:
-            sched = FIFOScheduler()
-        searcher = (
-            BasicVariantGenerator(points_to_evaluate=points, max_concurrent=t.max_concurrent)
-            if points
-            else make_searcher(cfg, specs)
-        )
+        if points:
+            cfg = copy_config(cfg)
+            cfg.tune.samples = len(points)
+        sched = make_scheduler(cfg, specs, scheduler or t.scheduler)
+        searcher = make_searcher(cfg, specs, getattr(sched, "paused", None), points)
         tuner = tune.Tuner(
             trainable,
             param_space=space,
             tune_config=tune.TuneConfig(
                 metric=t.metric,
                 mode=t.mode,
-                num_samples=len(points) if points else t.samples,
+                num_samples=cfg.tune.samples,
                 search_alg=searcher,
                 scheduler=sched,
                 # BasicVariantGenerator limits itself (Tune ignores this for it, with a warning)
