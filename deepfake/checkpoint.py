@@ -167,6 +167,29 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> tup
     return model.to(device), meta
 
 
+def parent_model(pretrained: str | None) -> dict[str, Any] | None:
+    """What a run started from when `model.pretrained` is another deepfake model folder (or its weights file):
+    the parent's own training facts (and its parent's), so that a card states the whole recipe and wall time."""
+    if not pretrained or pretrained.strip().lower() in ("none", "hub", ""):
+        return None
+    p = Path(pretrained).expanduser()
+    try:
+        meta = read_metadata(p if p.is_dir() else p.parent)
+    except CheckpointError:
+        return None  # plain weights (ImageNet, another project): nothing more to say than the path
+    keep = ("arch", "created", "config", "metrics", "best_epoch", "epochs_run", "train_seconds", "hardware", "parent")
+    return {"path": str(pretrained), **{k: meta[k] for k in keep if k in meta}}
+
+
+def lineage_seconds(meta: dict[str, Any]) -> float:
+    """Training wall time of a model and all the models it was initialised from."""
+    total, node = 0.0, meta
+    while node:
+        total += float(node.get("train_seconds") or 0)
+        node = node.get("parent")
+    return total
+
+
 def write_metadata(model_dir: str | Path, meta: dict[str, Any]) -> None:
     """Replace a model folder's metadata and regenerate its card; each file is swapped in atomically, so an
     interrupted write never leaves a half-written config.json next to good weights."""
@@ -217,6 +240,19 @@ def render_card(meta: dict[str, Any]) -> str:
         lines.append(f"- epochs run: {meta['epochs_run']} (best epoch {meta.get('best_epoch')})")
     if "train_seconds" in meta:
         lines.append(f"- training wall time: {meta['train_seconds'] / 60:.1f} min on {meta.get('hardware', 'n/a')}")
+    node = meta.get("parent")
+    while node:
+        t = node.get("config", {}).get("train", {})
+        lines.append(
+            f"- initialised from `{node['path']}`, itself trained {node.get('epochs_run')} epochs (optimizer "
+            f"{t.get('optimizer')} lr {t.get('lr')} weight decay {t.get('weight_decay')}, batch {t.get('batch_size')}, "
+            f"scheduler {t.get('scheduler')}) from {node.get('config', {}).get('model', {}).get('pretrained')} "
+            f"weights in {float(node.get('train_seconds') or 0) / 60:.1f} min on {node.get('hardware', 'n/a')}; "
+            f"its validation accuracy was {_pct(node.get('metrics', {}).get('val_acc'))}"
+        )
+        node = node.get("parent")
+    if meta.get("parent"):
+        lines.append(f"- total training wall time, all stages: {lineage_seconds(meta) / 60:.1f} min")
     lines += ["", "## Data"]
     if data:
         lines.append(f"- source: `{data.get('source')}` ({data.get('layout')}), {data.get('images')} usable images")

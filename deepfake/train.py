@@ -513,4 +513,7 @@ def export_best(cfg, best, metrics, history, rep, seconds, cpus, scaling_config)
         hardware=hw,
         credits=data_credits(rep["source"]),
     )
+    parent = ckpt_io.parent_model(cfg.model.pretrained)
+    if parent:
+        meta["parent"] = parent
     return ckpt_io.save_model(model, cfg.train.out, meta)

@@ -71,6 +71,24 @@ def test_pretrained_from_local_file_and_offline_hub(tmp_path):
         create_model(ModelConfig(pretrained=str(tmp_path / "nope.safetensors")))
 
 
+def test_card_states_the_models_a_run_was_initialised_from(tmp_path):
+    train = {"optimizer": "adamw", "lr": 0.002, "weight_decay": 0.05, "batch_size": 128, "scheduler": "cosine"}
+    cfg = {"train": train, "model": {"pretrained": "none"}}
+    _, first = _save(tmp_path / "a", train_seconds=600.0, epochs_run=8, config=cfg, hardware="2 CPUs")
+    assert ck.parent_model("none") is None and ck.parent_model("hub") is None
+    assert ck.parent_model(str(tmp_path / "elsewhere.pth")) is None  # plain weights: no deepfake metadata
+    parent = ck.parent_model(str(first))
+    assert parent["epochs_run"] == 8 and parent["train_seconds"] == 600.0 and parent["path"] == str(first)
+    assert ck.parent_model(str(first / "model.safetensors"))["train_seconds"] == 600.0  # the weights file too
+    _, second = _save(tmp_path / "b", train_seconds=300.0, parent=parent)
+    meta = ck.read_metadata(second)
+    assert ck.lineage_seconds(meta) == 900.0
+    card = (second / "README.md").read_text()
+    assert f"initialised from `{first}`, itself trained 8 epochs (optimizer adamw lr 0.002" in card
+    assert "from none weights in 10.0 min on 2 CPUs" in card and "its validation accuracy was 90.00%" in card
+    assert "total training wall time, all stages: 15.0 min" in card
+
+
 def test_finetune_policy():
     m = create_model(ModelConfig())
     total = sum(p.numel() for p in m.parameters())
