@@ -55,6 +55,21 @@ def _load_weight_file(path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
+def resolve_pretrained(source: str | None) -> str:
+    """`model.pretrained` as workers can read it: "none"/"hub" as they are, a path made absolute (relative to
+    the cwd, then the repository root) and checked here, on the driver, because Ray workers run elsewhere."""
+    s = (source or "none").strip()
+    if s.lower() in ("none", "hub", ""):
+        return s or "none"
+    p = Path(s).expanduser()
+    if not p.is_absolute():
+        repo = Path(__file__).resolve().parent.parent
+        p = next((c for c in (Path.cwd() / p, repo / p) if c.exists()), Path.cwd() / p)
+    if not p.exists():
+        raise ModelError(f"pretrained weights not found: {s} (tried {p}); use none, hub or a weights path")
+    return str(p.resolve())
+
+
 def load_backbone_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Load everything that fits; a head of another shape (1000 ImageNet classes) is left fresh."""
     own = model.state_dict()

@@ -27,6 +27,7 @@ from deepfake.model import (
     create_model,
     data_config,
     freeze_frozen_batchnorm,
+    resolve_pretrained,
     to_device,
 )
 from deepfake.transforms import build_transform
@@ -436,6 +437,7 @@ def fit(cfg: Config, address: str | None = None, export: bool = True) -> dict[st
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
+    pretrained = resolve_pretrained(cfg.model.pretrained)  # a missing file fails now, not in a worker
     ensure_ray(address)
     name = run_name(cfg)
     storage = cfg.train.storage_path
@@ -451,7 +453,12 @@ def fit(cfg: Config, address: str | None = None, export: bool = True) -> dict[st
     )
     trainer = TorchTrainer(
         train_func,
-        train_loop_config={"cfg": cfg.to_dict(), "splits": splits, "run_dir": run_dir, "threads": cpus},
+        train_loop_config={
+            "cfg": with_pretrained(cfg, pretrained).to_dict(),
+            "splits": splits,
+            "run_dir": run_dir,
+            "threads": cpus,
+        },
         scaling_config=scaling_config,
         run_config=RunConfig(
             name=name,
@@ -513,7 +520,14 @@ def export_best(cfg, best, metrics, history, rep, seconds, cpus, scaling_config)
         hardware=hw,
         credits=data_credits(rep["source"]),
     )
-    parent = ckpt_io.parent_model(cfg.model.pretrained)
+    parent = ckpt_io.parent_model(resolve_pretrained(cfg.model.pretrained))
     if parent:
-        meta["parent"] = parent
+        meta["parent"] = {**parent, "path": cfg.model.pretrained}  # as given, not this machine's absolute path
     return ckpt_io.save_model(model, cfg.train.out, meta)
+
+
+def with_pretrained(cfg: Config, pretrained: str) -> Config:
+    """A copy of `cfg` whose model.pretrained is `pretrained` (the recorded config keeps what was given)."""
+    out = from_dict(cfg.to_dict())
+    out.model.pretrained = pretrained
+    return out

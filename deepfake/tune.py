@@ -491,7 +491,8 @@ def run_search(
     from ray import tune
     from ray.tune.search import BasicVariantGenerator
 
-    from deepfake.train import ensure_ray, prepare_splits
+    from deepfake.model import resolve_pretrained
+    from deepfake.train import ensure_ray, prepare_splits, with_pretrained
 
     specs = validate(cfg)
     out_dir, name, exp_path = _paths(cfg, out)
@@ -508,8 +509,10 @@ def run_search(
         split.to_csv(out_dir / "split.csv", index=False)
     log.info("search %s: %s, %d trials, %s", name, rep["splits"], cfg.tune.samples, cfg.tune.searcher)
 
+    # trials run in their own folders: hand them an absolute pretrained path (checked here)
+    trial_base = with_pretrained(cfg, resolve_pretrained(cfg.model.pretrained)).to_dict()
     trainable = tune.with_resources(
-        tune.with_parameters(_trial, splits=splits, base=cfg.to_dict(), train_storage=train_storage),
+        tune.with_parameters(_trial, splits=splits, base=trial_base, train_storage=train_storage),
         trial_resources(cfg.tune),
     )
     space = to_tune_space(specs)

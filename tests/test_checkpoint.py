@@ -89,6 +89,19 @@ def test_card_states_the_models_a_run_was_initialised_from(tmp_path):
     assert "total training wall time, all stages: 15.0 min" in card
 
 
+def test_pretrained_paths_are_resolved_on_the_driver(tmp_path, monkeypatch):
+    from deepfake.model import resolve_pretrained
+
+    _, d = _save(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert resolve_pretrained("none") == "none" and resolve_pretrained(None) == "none"
+    assert resolve_pretrained("hub") == "hub"
+    assert resolve_pretrained("m") == str(d.resolve())  # relative to the cwd, made absolute for the workers
+    assert resolve_pretrained("models/cifake-b0").endswith("/models/cifake-b0")  # then the repository root
+    with pytest.raises(ModelError, match="not found: nope.safetensors"):
+        resolve_pretrained("nope.safetensors")
+
+
 def test_finetune_policy():
     m = create_model(ModelConfig())
     total = sum(p.numel() for p in m.parameters())

@@ -49,6 +49,25 @@ def test_worker_crash_restarts_from_last_checkpoint(ray_local, small_sample, tmp
     out = fit(_cfg(small_sample, tmp_path, name="crash", epochs=3, fail_at_epoch=2, max_failures=1), export=False)
     assert (tmp_path / "runs" / "crash" / ".failed_once_epoch2").exists()  # the failure did happen
     assert [h["epoch"] for h in out["history"]] == [1, 2, 3]
+    # epochs are seeded, so the restarted run trains exactly as an uninterrupted one
+    clean = fit(_cfg(small_sample, tmp_path, name="clean", epochs=3), export=False)
+    for a, b in zip(out["history"], clean["history"]):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)
+
+
+def test_warm_start_from_a_relative_model_folder_records_its_parent(ray_local, small_sample, tmp_path, monkeypatch):
+    from tests.conftest import train_small_model
+
+    train_small_model(tmp_path / "parent", epochs=1)
+    monkeypatch.chdir(tmp_path)  # Ray workers run elsewhere: the relative path must be resolved on the driver
+    args = ["train", "--data", str(small_sample), "--pretrained", "parent", "--epochs", "1", "--workers", "1"]
+    args += ["--stem-stride", "2", "--batch-size", "16", "--storage-path", "runs", "--name", "warm", "--out", "child"]
+    assert main([*args, "--set", "data.image_size=32", "--set", "train.log_every=0"]) == 0
+    meta = ck.read_metadata(tmp_path / "child")
+    assert meta["config"]["model"]["pretrained"] == "parent"  # recorded as given
+    assert meta["parent"]["path"] == "parent" and meta["parent"]["arch"] == "efficientnet_b0"
+    assert "initialised from `parent`" in (tmp_path / "child" / "README.md").read_text()
 
 
 def test_resume_after_interruption_continues_from_last_epoch(ray_local, small_sample, tmp_path):
