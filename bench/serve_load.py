@@ -4,6 +4,7 @@ next to plain in-process batched PyTorch inference of the same model, for the ra
     .venv/bin/python bench/serve_load.py --model models/cifake-b0 --clients 64,256 --duration 60 --kill-replica
     .venv/bin/python bench/serve_load.py --url http://127.0.0.1:8000 --clients 64     # an app already running
     .venv/bin/python bench/serve_load.py --model DIR --quick
+    .venv/bin/python bench/serve_load.py --http-path proxy        # through Serve's Python proxy actor
 
 Prints one JSON document (and writes it with --out): per run req/s, latency p50/p95/p99, errors by status,
 the Detector's batch-size histogram and replica count; with --kill-replica, one more run during which a
@@ -189,6 +190,25 @@ def main() -> int:
     ap.add_argument(
         "--access-log", choices=("on", "off"), help="Serve's per-request access log (default: as the config says)"
     )
+    ap.add_argument(
+        "--http-path",
+        choices=("auto", "haproxy", "proxy"),
+        default="auto",
+        help="as `deepfake serve --http-path`: HAProxy + direct ingress, or Serve's Python proxy actor",
+    )
+    ap.add_argument(
+        "--direct-ingress",
+        action="store_true",
+        help="Serve's direct ingress (experimental in Ray 2.60): clients talk to the one Ingress replica's own "
+        "HTTP port instead of the proxy (sets RAY_SERVE_ENABLE_DIRECT_INGRESS=1 before Ray starts)",
+    )
+    ap.add_argument(
+        "--ray-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="environment of Ray's processes, set before Ray starts (e.g. RAY_SERVE_THROUGHPUT_OPTIMIZED=1)",
+    )
     ap.add_argument("--kill-replica", action="store_true", help="one more run that kills a Detector replica")
     ap.add_argument(
         "--honour-retry-after", action="store_true", help="clients wait out a 503's Retry-After before resending"
@@ -234,9 +254,19 @@ def main() -> int:
             det["autoscaling_config"] = {**det.get("autoscaling_config", {}), **auto}
         if args.access_log:
             spec["logging_config"] = {**(spec["logging_config"] or {}), "enable_access_log": args.access_log == "on"}
+        ray_env = dict(kv.split("=", 1) for kv in args.ray_env)
+        if args.direct_ingress:
+            # one Ingress replica, so one port takes all the traffic; no 30 s drain at shutdown
+            ray_env.update(RAY_SERVE_ENABLE_DIRECT_INGRESS="1", RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S="0")
+            ing = spec["args"].setdefault("ingress_options", {})
+            ing["autoscaling_config"] = {**ing.get("autoscaling_config", {}), "min_replicas": 1, "max_replicas": 1}
+        os.environ.update(ray_env)  # the embedded Ray's processes inherit it
         app_name = spec["name"]
-        url = dserve.start_local(spec)
+        url = dserve.start_local(spec, http_path=args.http_path)
         _wait_healthy(url)
+        if args.direct_ingress:
+            url = _direct_url(url)
+            log.info("direct ingress at %s", url)
     model_info = httpx.get(f"{url}/model", timeout=30).json()
     model_dir = model_info["path"]
 
@@ -248,6 +278,8 @@ def main() -> int:
         "cpu_count": os.cpu_count(),
         "loadavg_start": [round(x, 1) for x in os.getloadavg()],
         "serve_args": spec["args"] if spec else None,
+        "http_path": args.http_path if spec else None,
+        "ray_env": {k: v for k, v in os.environ.items() if k.startswith("RAY_SERVE_")} if spec else None,
         "logging_config": spec["logging_config"] if spec else None,
         "runs": [],
     }
@@ -302,6 +334,18 @@ def main() -> int:
 def _given(**options) -> dict:
     """The options that were set on the command line (None: keep the config's value)."""
     return {k: v for k, v in options.items() if v is not None}
+
+
+def _direct_url(proxy_url: str, ports: range = range(30000, 30032)) -> str:
+    """The Ingress replica's own HTTP server (direct ingress takes ports from 30000 up)."""
+    base = proxy_url.rsplit(":", 1)[0]
+    for port in ports:
+        try:
+            if httpx.get(f"{base}:{port}/healthz", timeout=2).status_code == 200:
+                return f"{base}:{port}"
+        except httpx.HTTPError:
+            continue
+    raise SystemExit(f"--direct-ingress: no Ingress replica answers on ports {ports.start}-{ports.stop - 1}")
 
 
 def _free_port() -> int:

@@ -338,7 +338,14 @@ def cmd_card(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from deepfake.serve import run_local
 
-    run_local(config=args.config, model=args.model, port=args.port, host=args.host, address=args.address)
+    run_local(
+        config=args.config,
+        model=args.model,
+        port=args.port,
+        host=args.host,
+        address=args.address,
+        http_path=args.http_path,
+    )
     return 0
 
 
@@ -461,6 +468,13 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, help="HTTP port (overrides the config; default 8000)")
     sv.add_argument("--host", help="HTTP host (default 127.0.0.1; 0.0.0.0 for other machines)")
     sv.add_argument("--address", help="Ray cluster address (default: an embedded local Ray)")
+    sv.add_argument(
+        "--http-path",
+        choices=("auto", "haproxy", "proxy"),
+        default="auto",
+        help="embedded Ray only: HAProxy + direct ingress to the replicas (auto: where a binary exists) or "
+        "Serve's Python proxy actor",
+    )
     sv.set_defaults(func=cmd_serve)
 
     return parser

@@ -77,3 +77,14 @@ def test_token_auth_on_every_node(raw):
         assert "RAY_AUTH_MODE=token" in start
     head_start = next(c for c in raw["head_start_ray_commands"] if "ray start" in c)
     assert "--autoscaling-config=~/ray_bootstrap_config.yaml" in head_start
+
+
+def test_every_node_starts_ray_with_serves_fast_http_path(raw):
+    from deepfake.serve import FAST_HTTP_ENV
+
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = next(c for c in raw[key] if "ray start" in c)
+        exported = start.split("; ray start")[0]
+        for name, value in FAST_HTTP_ENV.items():
+            if name != "RAY_SERVE_HAPROXY_NBTHREAD":  # a GPU node has the cores for HAProxy's default
+                assert f"{name}={value}" in exported, (key, name)

@@ -337,11 +337,16 @@ def test_overload_gives_503_json_and_server_survives(app_url):
 
 # ---------------------------------------------------------------------------------------------- serve deploy
 @pytest.fixture()
-def ray_head(tmp_path):
-    """A separate `ray start --head --block` cluster; stopped by signalling only the processes it started."""
+def ray_head(tmp_path, request):
+    """A separate `ray start --head --block` cluster; stopped by signalling only the processes it started.
+    Parametrized with "haproxy", it is started the way cluster.yaml starts one: with Serve's fast HTTP path."""
+    from deepfake.serve import FAST_HTTP_ENV
+
     gcs, dash = free_port(), free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)}
     env.pop("RAY_ADDRESS", None)
+    if getattr(request, "param", "proxy") == "haproxy":
+        env.update(FAST_HTTP_ENV)
     ray_bin = str(Path(sys.executable).parent / "ray")
     temp = Path("/tmp") / f"rayt{os.getpid()}_{gcs}"  # short: Ray's socket paths must stay < 108 chars
     cmd = [ray_bin, "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}", "--num-cpus=4"]
@@ -387,9 +392,11 @@ def _model_copy(src: Path, dest: Path, created: str) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("ray_head", ["proxy", "haproxy"], indirect=True)
 def test_serve_deploy_config_and_rolling_model_swap(ray_head, trained_model_dir, sample_dir, tmp_path):
     """serve_config.yaml as shipped (paths/port changed) deploys with the CLI; changing args.model and
-    redeploying swaps the model while traffic keeps flowing."""
+    redeploying swaps the model while traffic keeps flowing: behind Serve's Python proxy and behind HAProxy
+    with direct ingress."""
     serve_bin = str(Path(sys.executable).parent / "serve")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -432,3 +439,46 @@ def test_serve_deploy_config_and_rolling_model_swap(ray_head, trained_model_dir,
         [serve_bin, "status", "-a", ray_head["dashboard"]], env=ray_head["env"], capture_output=True, text=True
     )
     assert "RUNNING" in status.stdout, status.stdout + status.stderr
+
+
+@pytest.mark.slow
+def test_deepfake_serve_takes_the_fast_http_path(trained_model_dir, sample_dir, tmp_path):
+    """`deepfake serve` on its embedded Ray: HAProxy answers on the configured port and forwards to the
+    Ingress replica's own HTTP server; predict and the web page work through it."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    cfg = _config_copy(tmp_path / "serve.yaml", trained_model_dir, port)
+    cmd = [sys.executable, "-m", "deepfake.cli", "serve", "--config", str(cfg), "--http-path", "haproxy"]
+    log = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_healthy(url, timeout=240)
+        img = sample_image(sample_dir).read_bytes()
+        r = httpx.post(f"{url}/predict", content=img, timeout=60)
+        assert r.status_code == 200 and r.json()["results"][0]["label"] in ("ai", "real")
+        assert "<html" in httpx.get(f"{url}/", timeout=30).text.lower()
+        bad = httpx.post(f"{url}/predict", content=b"not an image", timeout=30)
+        assert bad.status_code == 415 and "error" in bad.json()
+        # an HAProxy of this run forwards the traffic (the proxy path would have none)
+        assert any(f":{port}" in cmd for cmd in _haproxy_configs()), _haproxy_configs()
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the embedded Ray and its HAProxy go with it
+        proc.wait()
+        log.close()
+    assert "HTTP path: HAProxy + direct ingress" in (tmp_path / "serve.log").read_text()
+
+
+def _haproxy_configs() -> list[str]:
+    """The config text of every running haproxy process (its -f file), to see which ports they bind."""
+    out = []
+    for comm in Path("/proc").glob("[0-9]*/comm"):
+        try:
+            if comm.read_text().strip() != "haproxy":
+                continue
+            args = (comm.parent / "cmdline").read_bytes().split(b"\0")
+            out += [Path(args[i + 1].decode()).read_text() for i, a in enumerate(args[:-1]) if a == b"-f"]
+        except OSError:
+            continue
+    return out
