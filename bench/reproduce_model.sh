@@ -1,19 +1,14 @@
 #!/usr/bin/env bash
-# Retrain the shipped detector (models/cifake-b0) from the CIFAKE train split with its recorded config, then
-# evaluate it on the same validation part (content-hash split) with the robustness sweep and write its card.
-#   bench/reproduce_model.sh [DATA] [OUT]
+# Retrain the shipped detector (models/cifake-b0) from the CIFAKE train split with its recorded configs:
+# stage 1 (deepfake/configs/cifake-b0.yaml) from random weights, stage 2 (cifake-b0-finetune.yaml) from
+# stage 1's weights; then evaluate it on the same validation part (content-hash split) with the robustness
+# sweep and write its card (deepfake.jobs.reproduce does all of it).
+#   bench/reproduce_model.sh [DATA] [OUT] [train options for every stage...]
 # On a Ray cluster, the same run is one command (add --workers N --use-gpu true to use GPU nodes):
-#   deepfake jobs submit train -- --config deepfake/configs/cifake-b0.yaml --data /mnt/shared/cifake_train.tar.gz
+#   deepfake jobs submit reproduce -- --data /mnt/shared/cifake_train.tar.gz --out /mnt/shared/models/cifake-b0
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${1:-../shared/data/cifake_train.tar.gz}
 OUT=${2:-models/cifake-b0-repro}
-BIN=${DEEPFAKE_BIN:-.venv/bin/deepfake}
-"$BIN" train --config deepfake/configs/cifake-b0.yaml --data "$DATA" --out "$OUT" --name "repro-$(date +%Y%m%d-%H%M%S)"
-"$BIN" evaluate --model "$OUT" --split val --robustness --update-card -o "$OUT/eval"
-"$BIN" card "$OUT" --limitations "Trained and measured only on CIFAKE: 32x32 images, real ones from CIFAR-10 and AI-generated \
-ones from one generator (Stable Diffusion 1.4) made to look like CIFAR-10. The validation figures are for that \
-distribution. They are not evidence about high-resolution photographs, other generators (newer diffusion models, \
-GANs, editing tools), heavy re-compression or resizing beyond the robustness table, or images that are partly \
-generated. Inputs of any size are resized to 32x32 first, which throws away most of a large image. Use the \
-verdict as a screening signal for CIFAR-like images, not as proof." > /dev/null
+PY=${DEEPFAKE_PYTHON:-.venv/bin/python}
+"$PY" -m deepfake.jobs reproduce --data "$DATA" --out "$OUT" "${@:3}"

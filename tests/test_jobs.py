@@ -319,3 +319,22 @@ def test_serve_deploy_job_then_predict_over_http(ray_head, trained_model_dir, sa
     local = Predictor.from_dir(trained_model_dir, device="cpu").predict_images([decode_image(image.read_bytes())])[0]
     assert res["label"] == local["label"] and res["model"] == local["model"]
     assert res["prob_ai"] == pytest.approx(local["prob_ai"], abs=1e-4)
+
+
+@pytest.mark.slow
+def test_reproduce_runs_every_stage_of_the_shipped_recipe(ray_local, small_sample, tmp_path):
+    out = tmp_path / "m"
+    args = ["--data", str(small_sample), "--out", str(out), "--epochs", "1", "--batch-size", "16"]
+    args += ["--storage-path", str(tmp_path / "runs"), "--set", "train.log_every=0"]
+    assert jobs.run_job("reproduce", args) == 0
+    stage1, final = ck.read_metadata(tmp_path / "m-stage1"), ck.read_metadata(out)
+    # each stage with its own recorded config; the second from the first's weights
+    assert stage1["config"]["train"]["lr"] == 0.002 and stage1["config"]["model"]["pretrained"] == "none"
+    assert final["config"]["train"]["lr"] == 0.0002 and final["config"]["model"]["pretrained"] == str(
+        tmp_path / "m-stage1"
+    )
+    assert final["parent"]["train_seconds"] == stage1["train_seconds"]
+    # evaluated on the validation part with the robustness sweep, and the card says what it is not
+    assert final["metrics"]["val_images"] == 6 and set(final["robustness"]) >= {"clean", "jpeg_q75"}
+    card = (out / "README.md").read_text()
+    assert "total training wall time, all stages" in card and "Stable Diffusion 1.4" in card

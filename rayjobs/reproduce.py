@@ -1,0 +1,8 @@
+"""Ray job entrypoint: retrain the shipped model, every stage, then evaluate it (`python -m rayjobs.reproduce ARGS`)."""
+
+import sys
+
+from deepfake.jobs import run_job
+
+if __name__ == "__main__":
+    sys.exit(run_job("reproduce", sys.argv[1:]))
