@@ -232,6 +232,8 @@ def render_card(meta: dict[str, Any]) -> str:
             f"{train_cfg.get('weight_decay')}, batch {train_cfg.get('batch_size')}, scheduler "
             f"{train_cfg.get('scheduler')}, up to {train_cfg.get('epochs')} epochs, early-stopping patience "
             f"{train_cfg.get('patience')}, {train_cfg.get('workers')} Ray Train worker(s)"
+            + (f", warm-up {train_cfg['warmup_epochs']} epoch(s)" if train_cfg.get("warmup_epochs") else "")
+            + (f", label smoothing {train_cfg['label_smoothing']}" if train_cfg.get("label_smoothing") else "")
         )
     model_cfg = meta.get("config", {}).get("model", {})
     if model_cfg:
@@ -243,11 +245,11 @@ def render_card(meta: dict[str, Any]) -> str:
     node = meta.get("parent")
     while node:
         t = node.get("config", {}).get("train", {})
+        init = node.get("config", {}).get("model", {}).get("pretrained") or "none"
         lines.append(
             f"- initialised from `{node['path']}`, itself trained {node.get('epochs_run')} epochs (optimizer "
             f"{t.get('optimizer')} lr {t.get('lr')} weight decay {t.get('weight_decay')}, batch {t.get('batch_size')}, "
-            f"scheduler {t.get('scheduler')}) from {node.get('config', {}).get('model', {}).get('pretrained')} "
-            f"weights in {float(node.get('train_seconds') or 0) / 60:.1f} min on {node.get('hardware', 'n/a')}; "
+            f"scheduler {t.get('scheduler')}) from {'random' if init == 'none' else init} weights in {float(node.get('train_seconds') or 0) / 60:.1f} min on {node.get('hardware', 'n/a')}; "
             f"its validation accuracy was {_pct(node.get('metrics', {}).get('val_acc'))}"
         )
         node = node.get("parent")

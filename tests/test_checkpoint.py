@@ -85,7 +85,7 @@ def test_card_states_the_models_a_run_was_initialised_from(tmp_path):
     assert ck.lineage_seconds(meta) == 900.0
     card = (second / "README.md").read_text()
     assert f"initialised from `{first}`, itself trained 8 epochs (optimizer adamw lr 0.002" in card
-    assert "from none weights in 10.0 min on 2 CPUs" in card and "its validation accuracy was 90.00%" in card
+    assert "from random weights in 10.0 min on 2 CPUs" in card and "its validation accuracy was 90.00%" in card
     assert "total training wall time, all stages: 15.0 min" in card
 
 
