@@ -47,6 +47,9 @@ def test_card_matches_metadata_and_states_what_the_issue_asks():
     assert m["val_accuracy_ci95_low"] <= m["val_accuracy"] <= m["val_accuracy_ci95_high"]
     assert m["val_accuracy"] > 0.85 and m["val_roc_auc"] > 0.9
     assert meta["train_seconds"] > 0 and meta.get("hardware")
+    # trained in two stages: the card states the first one too, and the wall time of both
+    assert meta["parent"]["epochs_run"] > 0 and meta["parent"]["train_seconds"] > 0
+    assert f"{ck.lineage_seconds(meta) / 60:.1f} min" in card
     assert {"jpeg_q75", "downscale_0.5x"} <= set(meta["robustness"])
     for text in ("CIFAKE", "CIFAR-10", "MIT", "Stable Diffusion", "32", "Robustness"):
         assert text in card, text
