@@ -86,7 +86,9 @@ async def run_clients(
                     r = await http.post(f"{url}{path}", data=body, headers={"content-type": "image/jpeg"})
                 async with r:
                     await r.read()
-                statuses[str(r.status)] += 1
+                # the app's own backpressure answers JSON; Serve's (a full replica queue) answers plain text
+                json_body = r.content_type == "application/json"
+                statuses[str(r.status) + (" json" if r.status >= 400 and json_body else "")] += 1
                 if r.status == 200:
                     latencies.append(time.perf_counter() - t0)
                 elif honour_retry_after and r.status == 503:

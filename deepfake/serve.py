@@ -594,7 +594,7 @@ def load_serve_config(
 # Serve's fast HTTP path (Ray 2.60, behind feature flags): HAProxy on the HTTP port forwards each request
 # straight to an Ingress replica's own HTTP server (direct ingress) instead of through the Python proxy
 # actor, and user code, the router and handle calls (over gRPC) stay on the replica's event loop. On this
-# 2-CPU machine under 64 clients: /predict 273 vs 163 req/s, GET /healthz 561 vs 254 (bench/serve_load.py).
+# 2-CPU machine under 64 clients: /predict 295 vs 163 req/s, GET /healthz 591 vs 254 (bench/serve_load.py).
 # Every Serve process reads these when it starts, so they must be set before Ray starts: the embedded Ray
 # of `deepfake serve` gets them here; a cluster gets them from its `ray start` (cluster.yaml).
 FAST_HTTP_ENV = {
