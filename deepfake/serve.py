@@ -622,7 +622,42 @@ def http_path_env(path: str = "auto") -> dict[str, str]:
         if path == "haproxy":
             raise ConfigError("--http-path haproxy: no HAProxy binary (ray[serve] bundles one on Linux, or on PATH)")
         return {}
+    busy = [port for port in _haproxy_side_ports() if not _port_free(port)]
+    if busy:
+        # HAProxy would fail at start-up, after Serve's proxy timeout: say why now
+        msg = (
+            f"HAProxy's stats/metrics port(s) {busy} are in use (another Serve on this machine, or a stale "
+            "haproxy); set RAY_SERVE_HAPROXY_STATS_PORT and RAY_SERVE_HAPROXY_METRICS_PORT to free ports"
+        )
+        if path == "haproxy":
+            raise ConfigError(msg)
+        log.warning("%s; serving through Serve's proxy actor instead", msg)
+        return {}
     return dict(FAST_HTTP_ENV)
+
+
+def _haproxy_side_ports() -> list[int]:
+    """The ports HAProxy binds besides the HTTP one (Ray's defaults, unless the environment says otherwise)."""
+    import os
+
+    from ray.serve._private import constants as c
+
+    return [
+        int(os.environ.get("RAY_SERVE_HAPROXY_STATS_PORT", c.RAY_SERVE_HAPROXY_STATS_PORT)),
+        int(os.environ.get("RAY_SERVE_HAPROXY_METRICS_PORT", c.RAY_SERVE_HAPROXY_METRICS_PORT)),
+    ]
+
+
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
 
 
 def start_local(spec: dict[str, Any], address: str | None = None, http_path: str = "auto") -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import os
@@ -345,8 +346,9 @@ def ray_head(tmp_path, request):
     gcs, dash = free_port(), free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)}
     env.pop("RAY_ADDRESS", None)
-    if getattr(request, "param", "proxy") == "haproxy":
-        env.update(FAST_HTTP_ENV)
+    haproxy = getattr(request, "param", "proxy") == "haproxy"
+    if haproxy:
+        env.update(FAST_HTTP_ENV, **_haproxy_side_port_env())
     ray_bin = str(Path(sys.executable).parent / "ray")
     temp = Path("/tmp") / f"rayt{os.getpid()}_{gcs}"  # short: Ray's socket paths must stay < 108 chars
     cmd = [ray_bin, "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}", "--num-cpus=4"]
@@ -370,6 +372,8 @@ def ray_head(tmp_path, request):
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
     log.close()
+    if haproxy:
+        _kill_stale_haproxy(env["RAY_SERVE_HAPROXY_STATS_PORT"])  # Ray 2.60 leaves it running after a SIGTERM
     shutil.rmtree(temp, ignore_errors=True)
 
 
@@ -447,7 +451,7 @@ def test_deepfake_serve_takes_the_fast_http_path(trained_model_dir, sample_dir, 
     Ingress replica's own HTTP server; predict and the web page work through it."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", **_haproxy_side_port_env()}
     env.pop("RAY_ADDRESS", None)
     cfg = _config_copy(tmp_path / "serve.yaml", trained_model_dir, port)
     cmd = [sys.executable, "-m", "deepfake.cli", "serve", "--config", str(cfg), "--http-path", "haproxy"]
@@ -462,23 +466,58 @@ def test_deepfake_serve_takes_the_fast_http_path(trained_model_dir, sample_dir, 
         bad = httpx.post(f"{url}/predict", content=b"not an image", timeout=30)
         assert bad.status_code == 415 and "error" in bad.json()
         # an HAProxy of this run forwards the traffic (the proxy path would have none)
-        assert any(f":{port}" in cmd for cmd in _haproxy_configs()), _haproxy_configs()
+        assert any(f":{port}" in text for _, text in _haproxy_configs()), _haproxy_configs()
+        proc.send_signal(signal.SIGINT)  # Ctrl-C: deepfake serve shuts Serve down, HAProxy included
+        assert proc.wait(timeout=120) in (0, 130)
+        assert not any(f":{port}" in text for _, text in _haproxy_configs())
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the embedded Ray and its HAProxy go with it
-        proc.wait()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        _kill_stale_haproxy(env["RAY_SERVE_HAPROXY_STATS_PORT"])
         log.close()
     assert "HTTP path: HAProxy + direct ingress" in (tmp_path / "serve.log").read_text()
 
 
-def _haproxy_configs() -> list[str]:
-    """The config text of every running haproxy process (its -f file), to see which ports they bind."""
+def _haproxy_configs() -> list[tuple[int, str]]:
+    """(pid, config text) of every running haproxy process (its -f file), to see which ports they bind."""
     out = []
     for comm in Path("/proc").glob("[0-9]*/comm"):
         try:
             if comm.read_text().strip() != "haproxy":
                 continue
             args = (comm.parent / "cmdline").read_bytes().split(b"\0")
-            out += [Path(args[i + 1].decode()).read_text() for i, a in enumerate(args[:-1]) if a == b"-f"]
-        except OSError:
+            texts = [Path(args[i + 1].decode()).read_text() for i, a in enumerate(args[:-1]) if a == b"-f"]
+            out += [(int(comm.parent.name), t) for t in texts]
+        except (OSError, ValueError):
             continue
     return out
+
+
+def _haproxy_side_port_env() -> dict[str, str]:
+    """Fresh stats/metrics ports for one test's HAProxy (Ray's defaults are fixed: 8404, 9101)."""
+    return {"RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()), "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port())}
+
+
+def _kill_stale_haproxy(stats_port: str) -> None:
+    for pid, text in _haproxy_configs():
+        if f":{stats_port}" in text:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_http_path_falls_back_to_the_proxy_when_haproxys_ports_are_taken(monkeypatch):
+    from deepfake.config import ConfigError
+    from deepfake.serve import FAST_HTTP_ENV, http_path_env
+
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_METRICS_PORT", str(free_port()))
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        monkeypatch.setenv("RAY_SERVE_HAPROXY_STATS_PORT", str(taken.getsockname()[1]))
+        assert http_path_env("auto") == {}  # HAProxy could not start: the proxy actor serves instead
+        with pytest.raises(ConfigError, match="in use"):
+            http_path_env("haproxy")
+    assert http_path_env("auto") == FAST_HTTP_ENV and http_path_env("proxy") == {}
+    with pytest.raises(ConfigError, match="expected one of"):
+        http_path_env("nginx")
