@@ -21,12 +21,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from deepfake.config import ModelConfig
+from deepfake.config import ModelConfig, locate
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-REPO_ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_MODEL = "models/cifake-b0"  # the default model of predict, explain, evaluate and serve
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -109,9 +108,7 @@ def save_model(model: nn.Module, out_dir: str | Path, meta: dict[str, Any]) -> P
 def resolve_model_dir(model: str | Path | None = None) -> Path:
     """A model folder as an absolute path; None means the shipped model. Relative paths are tried against
     the cwd, then the repository root, so the default works from any directory of a checkout."""
-    p = Path(model or SHIPPED_MODEL).expanduser()
-    if not p.is_absolute():
-        p = next((c for c in (Path.cwd() / p, REPO_ROOT / p) if c.is_dir()), Path.cwd() / p)
+    p = locate(model or SHIPPED_MODEL, Path.is_dir)
     if not p.is_dir():
         hint = f" (the shipped default; it is in the repository's {SHIPPED_MODEL})" if model is None else ""
         raise CheckpointError(f"model folder not found: {p}{hint}; pass --model DIR")

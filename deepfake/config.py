@@ -15,9 +15,20 @@ from typing import Any
 
 import yaml
 
+REPO_ROOT = Path(__file__).resolve().parent.parent  # the source checkout (models/, serve_config.yaml, rayjobs/)
+
 
 class ConfigError(ValueError):
     """A settings file or override that cannot be applied; the message names the key."""
+
+
+def locate(path: str | Path, accept=Path.exists) -> Path:
+    """A user-given path: as is when absolute, else the first of cwd/path and REPO_ROOT/path that `accept`s
+    (so shipped defaults work from any directory of a checkout), else cwd/path for the error message."""
+    p = Path(path).expanduser()
+    if p.is_absolute():
+        return p
+    return next((c for c in (Path.cwd() / p, REPO_ROOT / p) if accept(c)), Path.cwd() / p)
 
 
 @dataclass
@@ -108,6 +119,9 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def copy(self) -> Config:
+        return from_dict(self.to_dict())
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from deepfake.config import ConfigError
+from deepfake.config import REPO_ROOT, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def resolve_address(address: str | None) -> str:
 
 def repo_root() -> Path:
     """The source checkout this package was imported from (it holds rayjobs/), uploaded as the working dir."""
-    return Path(__file__).resolve().parent.parent
+    return REPO_ROOT
 
 
 def build_entrypoint(job: str, args: list[str], installed: bool = False) -> str:

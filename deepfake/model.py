@@ -10,7 +10,7 @@ import timm
 import torch
 from torch import nn
 
-from deepfake.config import ModelConfig
+from deepfake.config import ModelConfig, locate
 from deepfake.data import CLASSES
 
 log = logging.getLogger(__name__)
@@ -61,10 +61,7 @@ def resolve_pretrained(source: str | None) -> str:
     s = (source or "none").strip()
     if s.lower() in ("none", "hub", ""):
         return s or "none"
-    p = Path(s).expanduser()
-    if not p.is_absolute():
-        repo = Path(__file__).resolve().parent.parent
-        p = next((c for c in (Path.cwd() / p, repo / p) if c.exists()), Path.cwd() / p)
+    p = locate(s)
     if not p.exists():
         raise ModelError(f"pretrained weights not found: {s} (tried {p}); use none, hub or a weights path")
     return str(p.resolve())

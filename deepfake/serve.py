@@ -34,7 +34,7 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 
-from deepfake.checkpoint import REPO_ROOT
+from deepfake.config import REPO_ROOT
 from deepfake.images import MAX_PIXELS, BadImage, decode_image
 
 log = logging.getLogger("ray.serve")
@@ -666,10 +666,10 @@ def start_local(spec: dict[str, Any], address: str | None = None, http_path: str
 
     import ray
 
-    from deepfake.train import ensure_ray
+    from deepfake.train import embedded, ensure_ray
 
     env = http_path_env(http_path)
-    if env and not ray.is_initialized() and (address or os.environ.get("RAY_ADDRESS")) in (None, "", "local"):
+    if env and not ray.is_initialized() and embedded(address):
         for key, value in env.items():
             os.environ.setdefault(key, value)  # the embedded Ray's processes inherit them; the caller's win
         log.info("HTTP path: HAProxy + direct ingress")

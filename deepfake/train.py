@@ -4,6 +4,7 @@ Ray Train driver that runs it data-parallel, checkpoints every epoch, resumes, a
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -367,6 +368,11 @@ def run_loop(loop_config: dict[str, Any], session: TrainSession | TuneTrialSessi
 
 
 # ---------------------------------------------------------------------------------------------- driver
+def embedded(address: str | None = None) -> bool:
+    """Whether ensure_ray(address) would start an embedded local Ray (no cluster given or set in RAY_ADDRESS)."""
+    return (address or os.environ.get("RAY_ADDRESS")) in (None, "", "local")
+
+
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Connect to RAY_ADDRESS/--address if given, else start an embedded local Ray in this process.
 
@@ -377,7 +383,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
 
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS")
-        if address in (None, "", "local"):
+        if embedded(address):
             os.environ.setdefault("RAY_worker_niceness", "0")
         ray.init(address=address, num_cpus=num_cpus, logging_level=logging.WARNING, log_to_driver=True)
 
@@ -490,13 +496,16 @@ def fit(cfg: Config, address: str | None = None, export: bool = True) -> dict[st
         "train_seconds": seconds,
     }
     if export:
-        out["model_dir"] = str(export_best(cfg, best, best_metrics, history, rep, seconds, cpus, scaling_config))
+        out["model_dir"] = str(
+            export_best(cfg, best, best_metrics, history, rep, seconds, cpus, scaling_config, pretrained)
+        )
     return out
 
 
-def export_best(cfg, best, metrics, history, rep, seconds, cpus, scaling_config) -> Path:
+def export_best(cfg, best, metrics, history, rep, seconds, cpus, scaling_config, pretrained: str) -> Path:
+    """The best checkpoint as a model folder; `pretrained` is fit's resolved model.pretrained."""
     dc = data_config(cfg.model.arch)
-    model = create_model(cfg.model)
+    model = create_model(dataclasses.replace(cfg.model, pretrained="none"))  # the checkpoint sets every weight
     with best.as_directory() as d:
         ckpt_io.load_train_checkpoint(Path(d), model)
     keep = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc")
@@ -520,7 +529,7 @@ def export_best(cfg, best, metrics, history, rep, seconds, cpus, scaling_config)
         hardware=hw,
         credits=data_credits(rep["source"]),
     )
-    parent = ckpt_io.parent_model(resolve_pretrained(cfg.model.pretrained))
+    parent = ckpt_io.parent_model(pretrained)
     if parent:
         meta["parent"] = {**parent, "path": cfg.model.pretrained}  # as given, not this machine's absolute path
     return ckpt_io.save_model(model, cfg.train.out, meta)
@@ -528,6 +537,6 @@ def export_best(cfg, best, metrics, history, rep, seconds, cpus, scaling_config)
 
 def with_pretrained(cfg: Config, pretrained: str) -> Config:
     """A copy of `cfg` whose model.pretrained is `pretrained` (the recorded config keeps what was given)."""
-    out = from_dict(cfg.to_dict())
+    out = cfg.copy()
     out.model.pretrained = pretrained
     return out

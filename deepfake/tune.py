@@ -180,13 +180,9 @@ def to_tune_space(specs: dict[str, ParamSpec]) -> dict[str, Any]:
     return {key: make[s.dist](s.args) for key, s in specs.items()}
 
 
-def copy_config(cfg: Config) -> Config:
-    return from_dict(cfg.to_dict())
-
-
 def apply_params(base: Config, params: dict[str, Any]) -> Config:
     """A new Config: the base with the sampled values set (type-checked by config.set_value)."""
-    cfg = copy_config(base)
+    cfg = base.copy()
     for key, value in params.items():
         set_value(cfg, canonical_key(key), value)
     return cfg
@@ -526,7 +522,7 @@ def run_search(
     else:
         t = cfg.tune
         if points:
-            cfg = copy_config(cfg)
+            cfg = cfg.copy()
             cfg.tune.samples = len(points)
         sched = make_scheduler(cfg, specs, scheduler or t.scheduler)
         searcher = make_searcher(cfg, specs, getattr(sched, "paused", None), points)

@@ -10,6 +10,7 @@ import pytest
 from safetensors import safe_open
 
 from deepfake import checkpoint as ck
+from deepfake.config import REPO_ROOT
 from deepfake.data import SAMPLE_DIR
 from deepfake.images import decode_image
 from deepfake.inference import Predictor
@@ -28,7 +29,7 @@ HELD_OUT = {
 
 
 def test_default_model_is_the_shipped_one():
-    assert MODEL == (ck.REPO_ROOT / ck.SHIPPED_MODEL).resolve()
+    assert MODEL == (REPO_ROOT / ck.SHIPPED_MODEL).resolve()
     size = (MODEL / ck.WEIGHTS).stat().st_size
     assert 1_000_000 < size <= 25 * 1024 * 1024
     with safe_open(str(MODEL / ck.WEIGHTS), framework="pt") as f:  # plain safetensors, nothing pickled
