@@ -8,6 +8,7 @@ reads JSON and safetensors only: nothing is unpickled.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import platform
@@ -88,17 +89,23 @@ def save_model(model: nn.Module, out_dir: str | Path, meta: dict[str, Any]) -> P
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     bare = unwrap(model).to("cpu").to(memory_format=torch.contiguous_format)
+    data_config = {
+        "input_size": (3, meta["image_size"], meta["image_size"]),
+        "mean": tuple(meta["mean"]),
+        "std": tuple(meta["std"]),
+        "interpolation": meta["interpolation"],
+    }
+    kwargs: dict[str, Any] = {}
+    if "data_config" in inspect.signature(timm.models.save_for_hf).parameters:
+        kwargs["data_config"] = data_config
+    else:  # timm < 1.0.30 writes the model's own pretrained_cfg: give it the same fields
+        bare.pretrained_cfg = {**(getattr(bare, "pretrained_cfg", None) or {}), **data_config}
     timm.models.save_for_hf(
         bare,
         str(out),
         model_config={"label_names": list(meta["classes"]), "deepfake": meta},
-        data_config={
-            "input_size": (3, meta["image_size"], meta["image_size"]),
-            "mean": tuple(meta["mean"]),
-            "std": tuple(meta["std"]),
-            "interpolation": meta["interpolation"],
-        },
         safe_serialization=True,
+        **kwargs,
     )
     (out / CARD).write_text(render_card(meta))
     log.info("saved model to %s", out)
@@ -228,10 +235,23 @@ def render_card(meta: dict[str, Any]) -> str:
             f"- optimizer {train_cfg.get('optimizer')} lr {train_cfg.get('lr')} weight decay "
             f"{train_cfg.get('weight_decay')}, batch {train_cfg.get('batch_size')}, scheduler "
             f"{train_cfg.get('scheduler')}, up to {train_cfg.get('epochs')} epochs, early-stopping patience "
-            f"{train_cfg.get('patience')}, {train_cfg.get('workers')} Ray Train worker(s)"
+            f"{train_cfg.get('patience')}, "
+            + (
+                "one process (torch backend, no Ray)"
+                if train_cfg.get("backend") == "torch"
+                else f"{train_cfg.get('workers')} Ray Train worker(s)"
+            )
             + (f", warm-up {train_cfg['warmup_epochs']} epoch(s)" if train_cfg.get("warmup_epochs") else "")
             + (f", label smoothing {train_cfg['label_smoothing']}" if train_cfg.get("label_smoothing") else "")
         )
+    data_cfg = meta.get("config", {}).get("data", {})
+    if data_cfg:
+        aug = [name for key, name in (("hflip", "horizontal flip"),) if data_cfg.get(key)]
+        if data_cfg.get("crop_padding"):
+            aug.append(f"random shift up to {data_cfg['crop_padding']} px (reflect padding)")
+        if data_cfg.get("rotation"):
+            aug.append(f"rotation up to {data_cfg['rotation']} degrees")
+        lines.append(f"- augmentation: {', '.join(aug) or 'none'}")
     model_cfg = meta.get("config", {}).get("model", {})
     if model_cfg:
         lines.append(f"- initial weights: {model_cfg.get('pretrained')}; fine-tuned: {model_cfg.get('finetune')}")

@@ -32,6 +32,7 @@ CONFIG_FLAGS: dict[str, tuple[str, type, str]] = {
     "--weight-decay": ("train.weight_decay", float, "weight decay"),
     "--scheduler": ("train.scheduler", str, "step | cosine | none"),
     "--patience": ("train.patience", int, "early-stopping patience (0: off)"),
+    "--backend": ("train.backend", str, "ray (Ray Train) | torch (this process, one device, no Ray)"),
     "--workers": ("train.workers", int, "Ray Train workers"),
     "--use-gpu": ("train.use_gpu", str, "auto | true | false"),
     "--storage-path": ("train.storage_path", str, "Ray run storage (path or s3:// / gs:// URI)"),

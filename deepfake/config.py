@@ -41,6 +41,7 @@ class DataConfig:
     image_size: int = 224
     hflip: bool = True  # the seed's augmentation: horizontal flip + rotation
     rotation: float = 10.0
+    crop_padding: int = 0  # random shift: reflect-pad by N px and crop back (moves pixels, never resamples them)
     loader_workers: int = 0  # DataLoader processes per training worker; 0 decodes in the training process
 
 
@@ -69,6 +70,9 @@ class TrainConfig:
     label_smoothing: float = 0.0
     patience: int = 3  # early stopping on validation loss; 0 disables
     amp: str = "auto"  # auto (bf16/fp16 on GPU, off on CPU), bf16, fp16, off
+    # ray: Ray Train's TorchTrainer (N workers, fault tolerance, cluster storage); torch: the same loop in this
+    # process on one device, without Ray (a single-GPU box with no Ray installed)
+    backend: str = "ray"
     workers: int = 1
     use_gpu: str = "auto"  # auto, true, false
     cpus_per_worker: int | None = None  # None: share this machine's CPUs between the workers

@@ -4,10 +4,12 @@ Ray Train driver that runs it data-parallel, checkpoints every epoch, resumes, a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -20,7 +22,7 @@ import torch
 from torch import nn
 
 from deepfake import checkpoint as ckpt_io
-from deepfake.config import Config, from_dict
+from deepfake.config import Config, ConfigError, from_dict
 from deepfake.data import CLASSES, BlobStore, ImageDataset, data_credits
 from deepfake.model import (
     amp_dtype,
@@ -28,6 +30,7 @@ from deepfake.model import (
     create_model,
     data_config,
     freeze_frozen_batchnorm,
+    pick_device,
     resolve_pretrained,
     to_device,
 )
@@ -180,9 +183,11 @@ def evaluate_loader(
     return EpochStats(total_loss, correct, count, time.perf_counter() - start)
 
 
-def make_datasets(cfg: Config, splits: dict[str, tuple[list[str], list[str]]]) -> dict[str, ImageDataset]:
+def make_datasets(
+    cfg: Config, splits: dict[str, tuple[list[str], list[str]]], store: BlobStore | None = None
+) -> dict[str, ImageDataset]:
     dc = data_config(cfg.model.arch)
-    store = BlobStore(ref for refs, _ in splits.values() for ref in refs)
+    store = store or BlobStore(ref for refs, _ in splits.values() for ref in refs)
     out = {}
     for name, (refs, labels) in splits.items():
         tf = build_transform(
@@ -193,6 +198,7 @@ def make_datasets(cfg: Config, splits: dict[str, tuple[list[str], list[str]]]) -
             interpolation=dc["interpolation"],
             hflip=cfg.data.hflip,
             rotation=cfg.data.rotation,
+            crop_padding=cfg.data.crop_padding,
         )
         out[name] = ImageDataset(refs, labels, tf, store)
     return out
@@ -267,12 +273,68 @@ class TuneTrialSession:
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
 
 
+class LocalCheckpoint:
+    """An epoch checkpoint folder of a torch-backend run, with the two calls fit uses of ray.train.Checkpoint."""
+
+    def __init__(self, path: Path, metrics: dict[str, Any]):
+        self.path, self.metrics = str(path), metrics
+
+    @contextlib.contextmanager
+    def as_directory(self):
+        yield self.path
+
+
+class LocalSession:
+    """Where the loop runs with train.backend torch: this process, one device. Epoch checkpoints go to the run
+    folder (written whole, then renamed), the best num_to_keep by validation loss are kept, plus the latest,
+    which --resume continues from."""
+
+    rank, world = 0, 1
+
+    def __init__(self, run_dir: Path, device: torch.device, num_to_keep: int = 2):
+        self.run_dir, self.device, self.num_to_keep = Path(run_dir), device, max(1, num_to_keep)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        found = sorted(p for p in self.run_dir.glob("checkpoint_*") if p.is_dir() and not p.name.endswith(".tmp"))
+        self.checkpoints = [LocalCheckpoint(p, ckpt_io.read_train_state(p).history[-1]) for p in found]
+
+    def prepare_loader(self, loader):
+        return loader
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def get_checkpoint(self) -> LocalCheckpoint | None:
+        return self.latest()
+
+    def latest(self) -> LocalCheckpoint | None:
+        return max(self.checkpoints, key=lambda c: c.metrics["epoch"], default=None)
+
+    def best(self) -> LocalCheckpoint | None:
+        return min(self.checkpoints, key=lambda c: c.metrics["val_loss"], default=None)
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        if checkpoint_dir is None:
+            return
+        path = self.run_dir / f"checkpoint_{metrics['epoch']:06d}"
+        tmp = path.with_name(path.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(checkpoint_dir, tmp)
+        shutil.rmtree(path, ignore_errors=True)
+        tmp.rename(path)
+        self.checkpoints = [c for c in self.checkpoints if c.path != str(path)]
+        self.checkpoints.append(LocalCheckpoint(path, dict(metrics)))
+        keep = sorted(self.checkpoints, key=lambda c: c.metrics["val_loss"])[: self.num_to_keep] + [self.latest()]
+        for c in [c for c in self.checkpoints if c not in keep]:
+            shutil.rmtree(c.path, ignore_errors=True)
+        self.checkpoints = [c for c in self.checkpoints if c in keep]
+
+
 def train_func(loop_config: dict[str, Any]) -> None:
     """Ray Train's per-worker entry point."""
     run_loop(loop_config, TrainSession())
 
 
-def run_loop(loop_config: dict[str, Any], session: TrainSession | TuneTrialSession) -> None:
+def run_loop(loop_config: dict[str, Any], session: TrainSession | TuneTrialSession | LocalSession) -> None:
     """The one training loop: a report + checkpoint every epoch, resume from the session's checkpoint,
     early stopping agreed by all ranks (the reduced validation loss is the same on each)."""
     from torch.utils.data import DataLoader, Subset
@@ -284,6 +346,8 @@ def run_loop(loop_config: dict[str, Any], session: TrainSession | TuneTrialSessi
         torch.set_num_threads(int(loop_config["threads"]))
     torch.manual_seed(cfg.train.seed + rank)
     device = session.device
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels once
 
     datasets = make_datasets(cfg, loop_config["splits"])
     per_worker_batch = max(1, cfg.train.batch_size // world)
@@ -438,33 +502,62 @@ def run_name(cfg: Config) -> str:
     return cfg.train.name or datetime.now().strftime("train-%Y%m%d-%H%M%S")
 
 
-def fit(cfg: Config, address: str | None = None, export: bool = True) -> dict[str, Any]:
-    """Train with Ray Train and export the best checkpoint (lowest val loss) with its model card."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
-    from ray.train.torch import TorchTrainer
+BACKENDS = ("ray", "torch")
 
+
+def fit(cfg: Config, address: str | None = None, export: bool = True, prepared: tuple | None = None) -> dict[str, Any]:
+    """Train (Ray Train, or in this process with backend "torch") and export the best checkpoint (lowest val
+    loss) with its model card. `prepared`: prepare_splits(cfg)'s result, when the caller already scanned."""
+    backend = cfg.train.backend.lower()
+    if backend not in BACKENDS:
+        raise ConfigError(f"train.backend: {cfg.train.backend!r} is not one of {', '.join(BACKENDS)}")
     pretrained = resolve_pretrained(cfg.model.pretrained)  # a missing file fails now, not in a worker
-    ensure_ray(address)
+    if backend == "ray":
+        ensure_ray(address)
     name = run_name(cfg)
     storage = cfg.train.storage_path
     if "://" not in storage:
         storage = str(Path(storage).expanduser().resolve())
+    elif backend == "torch":
+        raise ConfigError(f"train.storage_path: {storage} is a URI; the torch backend writes a local folder")
     run_dir = f"{storage}/{name}"
-    split, rep, splits = prepare_splits(cfg)
-    # the resolved config and the split, next to Ray's checkpoints (a local folder or s3:// / gs://)
+    split, rep, splits = prepared or prepare_splits(cfg)
+    # the resolved config and the split, next to the checkpoints (a local folder or s3:// / gs://)
     write_uri_files(run_dir, {"config.yaml": cfg.to_yaml(), "split.csv": split.to_csv(index=False)})
+    loop_config = {"cfg": with_pretrained(cfg, pretrained).to_dict(), "splits": splits, "run_dir": run_dir}
+    log.info("run %s (%s backend): %s", name, backend, rep["splits"])
+    start = time.time()
+    if backend == "ray":
+        best, best_metrics, last, hardware = _fit_ray(cfg, name, storage, loop_config)
+    else:
+        best, best_metrics, last, hardware = _fit_torch(cfg, Path(run_dir), loop_config)
+    seconds = time.time() - start
+    with last.as_directory() as d:
+        history = ckpt_io.read_train_state(Path(d)).history
+    out = {
+        "run": name,
+        "run_dir": run_dir,
+        "checkpoint": best.path,
+        "metrics": best_metrics,
+        "history": history,
+        "data": rep,
+        "train_seconds": seconds,
+    }
+    if export:
+        out["model_dir"] = str(export_best(cfg, best, best_metrics, history, rep, seconds, hardware, pretrained))
+    return out
+
+
+def _fit_ray(cfg: Config, name: str, storage: str, loop_config: dict[str, Any]):
+    """TorchTrainer over cfg.train.workers; Train keeps the checkpoints and restarts crashed workers."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+
     scaling_config, cpus = scaling(cfg)
-    log.info(
-        "run %s: %s, %d workers x %s CPU, GPU=%s", name, rep["splits"], cfg.train.workers, cpus, scaling_config.use_gpu
-    )
+    log.info("%d Ray Train workers x %s CPU, GPU=%s", cfg.train.workers, cpus, scaling_config.use_gpu)
     trainer = TorchTrainer(
         train_func,
-        train_loop_config={
-            "cfg": with_pretrained(cfg, pretrained).to_dict(),
-            "splits": splits,
-            "run_dir": run_dir,
-            "threads": cpus,
-        },
+        train_loop_config={**loop_config, "threads": cpus},
         scaling_config=scaling_config,
         run_config=RunConfig(
             name=name,
@@ -477,40 +570,36 @@ def fit(cfg: Config, address: str | None = None, export: bool = True) -> dict[st
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
         ),
     )
-    start = time.time()
     result = trainer.fit()
-    seconds = time.time() - start
     best = result.get_best_checkpoint(metric="val_loss", mode="min") or result.checkpoint
     if best is None:
         raise RuntimeError(f"run {name} finished without a checkpoint")
     best_metrics = next((m for c, m in (result.best_checkpoints or []) if c.path == best.path), result.metrics)
-    with (result.checkpoint or best).as_directory() as d:
-        history = ckpt_io.read_train_state(Path(d)).history
-    out = {
-        "run": name,
-        "run_dir": run_dir,
-        "checkpoint": best.path,
-        "metrics": best_metrics,
-        "history": history,
-        "data": rep,
-        "train_seconds": seconds,
-    }
-    if export:
-        out["model_dir"] = str(
-            export_best(cfg, best, best_metrics, history, rep, seconds, cpus, scaling_config, pretrained)
-        )
-    return out
+    hardware = f"{cfg.train.workers} Ray Train worker(s) x {cpus} CPU" + (", GPU" if scaling_config.use_gpu else "")
+    return best, best_metrics, result.checkpoint or best, hardware
 
 
-def export_best(cfg, best, metrics, history, rep, seconds, cpus, scaling_config, pretrained: str) -> Path:
+def _fit_torch(cfg: Config, run_dir: Path, loop_config: dict[str, Any]):
+    """The same loop in this process on one device; no worker restarts (rerun with --resume instead)."""
+    if cfg.train.workers != 1:
+        raise ConfigError(f"train.workers: {cfg.train.workers}; the torch backend runs one process (use ray)")
+    session = LocalSession(run_dir, pick_device(cfg.train.use_gpu), cfg.train.num_to_keep)
+    run_loop(loop_config, session)
+    best = session.best()
+    if best is None:
+        raise RuntimeError(f"run {run_dir.name} finished without a checkpoint")
+    where = "GPU" if session.device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    hardware = f"1 process (no Ray) on {where}"
+    return best, best.metrics, session.latest(), hardware
+
+
+def export_best(cfg, best, metrics, history, rep, seconds, hardware: str, pretrained: str) -> Path:
     """The best checkpoint as a model folder; `pretrained` is fit's resolved model.pretrained."""
     dc = data_config(cfg.model.arch)
     model = create_model(dataclasses.replace(cfg.model, pretrained="none"))  # the checkpoint sets every weight
     with best.as_directory() as d:
         ckpt_io.load_train_checkpoint(Path(d), model)
     keep = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc")
-    hw = f"{cfg.train.workers} Ray Train worker(s) x {cpus} CPU" + (", GPU" if scaling_config.use_gpu else "")
-    hw += f" on {ckpt_io.host_info()}"
     data_summary = {k: v for k, v in rep.items() if k != "skipped_files"}
     meta = ckpt_io.build_metadata(
         cfg.model,
@@ -526,7 +615,7 @@ def export_best(cfg, best, metrics, history, rep, seconds, cpus, scaling_config,
         history=history,
         data=data_summary,
         train_seconds=round(seconds, 1),
-        hardware=hw,
+        hardware=f"{hardware} on {ckpt_io.host_info()}",
         credits=data_credits(rep["source"]),
     )
     parent = ckpt_io.parent_model(pretrained)

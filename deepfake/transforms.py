@@ -22,14 +22,17 @@ def build_transform(
     interpolation: str = "bicubic",
     hflip: bool = True,
     rotation: float = 10.0,
+    crop_padding: int = 0,
 ) -> Callable:
-    """PIL RGB -> normalised tensor. Eval is deterministic; train adds flip and rotation.
+    """PIL RGB -> normalised tensor. Eval is deterministic; train adds shift, flip and rotation.
 
     Resize keeps the aspect ratio and a centre crop makes it square, so square inputs (CIFAKE) are
     resized exactly as the seed did and other photos are not squashed."""
     interp = _INTERPOLATION.get(interpolation, T.InterpolationMode.BICUBIC)
     ops: list = [T.Resize(image_size, interpolation=interp, antialias=True), T.CenterCrop(image_size)]
     if train:
+        if crop_padding:
+            ops.append(T.RandomCrop(image_size, padding=crop_padding, padding_mode="reflect"))
         if hflip:
             ops.append(T.RandomHorizontalFlip())
         if rotation:

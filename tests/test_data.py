@@ -200,3 +200,22 @@ def test_real_duplicates_from_files_stay_together(tmp_path):
     rep = report(cat, out)
     assert rep["duplicate_groups"] == 5 and rep["duplicate_images"] == 10
     assert (out.groupby("sha256")["split"].nunique() == 1).all()
+
+
+def test_random_shift_moves_pixels_without_resampling_them():
+    import torch
+
+    from deepfake.transforms import build_transform
+
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    tf = build_transform(32, (0, 0, 0), (1, 1, 1), train=True, hflip=False, rotation=0, crop_padding=4)
+    values = set(np.unique(np.asarray(img)).tolist())
+    torch.manual_seed(0)
+    outs = [tf(img) for _ in range(8)]
+    assert all(o.shape == (3, 32, 32) for o in outs)
+    assert any(not torch.equal(outs[0], o) for o in outs[1:])  # it does shift
+    for o in outs:  # every output pixel is an input pixel: reflect padding, no interpolation
+        assert set(np.unique((o * 255).round().to(torch.uint8).numpy()).tolist()) <= values
+    plain = build_transform(32, (0, 0, 0), (1, 1, 1), train=False, crop_padding=4)
+    assert torch.equal(plain(img), plain(img))  # evaluation never shifts
