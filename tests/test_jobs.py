@@ -322,9 +322,9 @@ def test_serve_deploy_job_then_predict_over_http(ray_head, trained_model_dir, sa
 
 
 @pytest.mark.slow
-def test_reproduce_runs_every_stage_of_the_shipped_recipe(ray_local, small_sample, tmp_path):
+def test_reproduce_runs_every_stage_of_a_recipe(ray_local, small_sample, tmp_path):
     out = tmp_path / "m"
-    args = ["--data", str(small_sample), "--out", str(out), "--epochs", "1", "--batch-size", "16"]
+    args = ["--data", str(small_sample), "--out", str(out), "--recipe", "cpu", "--epochs", "1", "--batch-size", "16"]
     args += ["--storage-path", str(tmp_path / "runs"), "--set", "train.log_every=0"]
     assert jobs.run_job("reproduce", args) == 0
     stage1, final = ck.read_metadata(tmp_path / "m-stage1"), ck.read_metadata(out)
