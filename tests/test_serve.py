@@ -374,6 +374,8 @@ def ray_head(tmp_path, request):
     log.close()
     if haproxy:
         _kill_stale_haproxy(env["RAY_SERVE_HAPROXY_STATS_PORT"])  # Ray 2.60 leaves it running after a SIGTERM
+    for serve_logs in temp.glob("session_*/logs/serve"):  # kept with the test's files, for a failure's cause
+        shutil.copytree(serve_logs, tmp_path / "serve_logs", dirs_exist_ok=True)
     shutil.rmtree(temp, ignore_errors=True)
 
 
@@ -426,19 +428,21 @@ def test_serve_deploy_config_and_rolling_model_swap(ray_head, trained_model_dir,
 
     # Redeploy with another model while a client keeps sending requests: none may fail.
     deploy(model_b)
-    codes, models = [], set()
+    codes, models, failures = [], set(), []
     deadline = time.monotonic() + 150
     with httpx.Client(timeout=60) as client:
         while time.monotonic() < deadline:
             r = client.post(f"{url}/predict", content=img)
             codes.append(r.status_code)
+            if r.status_code != 200:
+                failures.append((r.status_code, r.text[:500]))
             if r.status_code == 200:
                 models.add(r.json()["results"][0]["model"])
                 if "20250202" in r.json()["results"][0]["model"]:
                     break
             time.sleep(0.1)
     assert any("20250202" in m for m in models), models
-    assert set(codes) == {200}, {c: codes.count(c) for c in set(codes)}
+    assert set(codes) == {200}, ({c: codes.count(c) for c in set(codes)}, failures)
     status = subprocess.run(
         [serve_bin, "status", "-a", ray_head["dashboard"]], env=ray_head["env"], capture_output=True, text=True
     )
