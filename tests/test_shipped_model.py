@@ -75,7 +75,7 @@ def test_shipped_model_was_trained_with_its_recorded_recipe():
     assert node is None, "the card has more stages than the recipe"
 
 
-# The earlier shipped model, kept for CPU-bound screening: 32 px, 6x the images/s of the 64 px default on CPU.
+# The earlier shipped model, kept for CPU-bound screening: 32 px, about 2.5x the images/s of the 64 px default on CPU.
 FAST_MODEL = REPO_ROOT / "models" / "cifake-b0-cpu"
 
 
