@@ -58,7 +58,6 @@ def step_rate(cfg: cfgmod.Config, refs: list[str], labels: list[str], store: Blo
     loss_fn = nn.CrossEntropyLoss()
     for _ in range(2):
         stats = train_one_epoch(model, loader, opt, None, loss_fn, device, cfg.train.amp, None, cfg.model.channels_last)
-    del loader
     return stats.count / stats.seconds
 
 

@@ -246,7 +246,7 @@ def render_card(meta: dict[str, Any]) -> str:
         )
     data_cfg = meta.get("config", {}).get("data", {})
     if data_cfg:
-        aug = [name for key, name in (("hflip", "horizontal flip"),) if data_cfg.get(key)]
+        aug = ["horizontal flip"] if data_cfg.get("hflip") else []
         if data_cfg.get("crop_padding"):
             aug.append(f"random shift up to {data_cfg['crop_padding']} px (reflect padding)")
         if data_cfg.get("rotation"):

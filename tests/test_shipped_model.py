@@ -28,6 +28,12 @@ HELD_OUT = {
 }
 
 
+def load_recipe(name: str):
+    from deepfake.config import load
+
+    return load(REPO_ROOT / "deepfake" / "configs" / name)
+
+
 def test_default_model_is_the_shipped_one():
     assert MODEL == (REPO_ROOT / ck.SHIPPED_MODEL).resolve()
     size = (MODEL / ck.WEIGHTS).stat().st_size
@@ -89,12 +95,6 @@ def test_fast_model_is_the_cpu_recipes_and_its_card_matches():
     assert meta["image_size"] == 32 and meta["metrics"]["val_accuracy"] > 0.9
     assert ck.render_card(meta) == (FAST_MODEL / ck.CARD).read_text()
     assert meta["config"]["train"]["lr"] == load_recipe("cifake-b0-finetune.yaml").train.lr
-
-
-def load_recipe(name: str):
-    from deepfake.config import load
-
-    return load(REPO_ROOT / "deepfake" / "configs" / name)
 
 
 @pytest.mark.parametrize("label", ["ai", "real"])
