@@ -491,6 +491,7 @@ def build_app(args: ServeArgs | dict[str, Any] | None = None) -> serve.Applicati
             # replica's batch queue and not in the routers, whose probing of full replicas costs CPU
             "max_ongoing_requests": 8 * bs,
             "max_queued_requests": 16 * bs,  # beyond this the Ingress answers 503 instead of queueing unboundedly
+            "max_surge_percent": 100,
             "autoscaling_config": {
                 "min_replicas": 1,
                 "max_replicas": 2,
@@ -509,6 +510,7 @@ def build_app(args: ServeArgs | dict[str, Any] | None = None) -> serve.Applicati
                 "ray_actor_options": {"num_cpus": a.explainer_num_cpus, "num_gpus": exp_gpu},
                 "max_ongoing_requests": 2 * a.explain_batch_size,
                 "max_queued_requests": 32,
+                "max_surge_percent": 100,
                 "autoscaling_config": {
                     "min_replicas": 1,
                     "max_replicas": 2,
@@ -519,11 +521,18 @@ def build_app(args: ServeArgs | dict[str, Any] | None = None) -> serve.Applicati
         ).bind(model_dir, a.device, a.explain_batch_size, a.warmup)
     )
     settings = a.model_dump(include={"max_body_bytes", "max_pixels", "max_files", "retries"})
+    # A changed model path restarts every deployment. Serve's default rollout stops the old replica before
+    # its replacement has loaded the model (20 s on a busy 2-CPU machine), and the old Ingress, drained with
+    # requests still waiting on the gone Detector, was killed after 20 s: a 500. With surge, old replicas
+    # serve until their replacements are up (a rollout needs room for one more replica of each; without it,
+    # it waits and the old model keeps serving); the longer drain covers requests already in flight.
     return Ingress.options(
         **{
             "ray_actor_options": {"num_cpus": a.ingress_num_cpus},
             "max_ongoing_requests": 256,
             "max_queued_requests": 1024,
+            "max_surge_percent": 100,
+            "graceful_shutdown_timeout_s": 60,
             "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 128},
             **a.ingress_options,
         }
