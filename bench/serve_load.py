@@ -123,7 +123,9 @@ async def run_clients(
     }
 
 
-def inprocess_throughput(model: str, images: list[bytes], batch_size: int, seconds: float, threads: int) -> dict:
+def inprocess_throughput(
+    model: str, images: list[bytes], batch_size: int, seconds: float, threads: int, jit: bool = False
+) -> dict:
     """The same Predictor, no HTTP/Serve: decode + preprocess + forward in batches, img/s."""
     import torch
 
@@ -131,7 +133,7 @@ def inprocess_throughput(model: str, images: list[bytes], batch_size: int, secon
     from deepfake.images import decode_image
     from deepfake.inference import Predictor
 
-    pred = Predictor.from_dir(model, device="auto")
+    pred = Predictor.from_dir(model, device="auto", jit=jit)
     pil = [decode_image(b) for b in images]
     pred.predict_images(pil[:batch_size])  # warm-up
     n, t0, cpu0 = 0, time.perf_counter(), time.process_time()
@@ -148,6 +150,7 @@ def inprocess_throughput(model: str, images: list[bytes], batch_size: int, secon
         "batch_size": batch_size,
         "device": str(pred.device),
         "torch_threads": torch.get_num_threads(),
+        "jit": jit,
         "image_size": pred.image_size,
     }
 
@@ -183,6 +186,7 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=60)
     ap.add_argument("--warmup", type=float, default=5, help="seconds of load before measuring (autoscaling)")
     ap.add_argument("--detector-cpus", type=float, help="logical CPUs per Detector replica (overrides config)")
+    ap.add_argument("--detector-threads", type=int, help="torch threads per Detector replica (overrides config)")
     ap.add_argument("--max-replicas", type=int, help="Detector max_replicas (overrides config)")
     ap.add_argument("--target-ongoing", type=int, help="Detector target_ongoing_requests (overrides config)")
     ap.add_argument("--max-batch", type=int, help="Detector max_batch_size (overrides config)")
@@ -245,6 +249,7 @@ def main() -> int:
         spec["args"].update(
             _given(
                 detector_num_cpus=args.detector_cpus,
+                detector_threads=args.detector_threads,
                 max_batch_size=args.max_batch,
                 batch_wait_timeout_s=args.batch_wait,
             )
@@ -323,9 +328,12 @@ def main() -> int:
         from ray import serve
 
         serve.shutdown()
-    # torch's default (all cores) and one thread (what a 1-CPU replica gets: Ray sets OMP_NUM_THREADS)
+    # torch's default (all cores) and one thread (what a 1-CPU replica gets: Ray sets OMP_NUM_THREADS), eager
+    # and traced (what the Detector runs): the ratio is taken against the fastest of them
     report["inprocess"] = [
-        inprocess_throughput(model_dir, images, 16, args.inproc_seconds, t) for t in sorted({os.cpu_count() or 1, 1})
+        inprocess_throughput(model_dir, images, 16, args.inproc_seconds, t, jit)
+        for t in sorted({os.cpu_count() or 1, 1})
+        for jit in (False, True)
     ]
     best = max((r["req_per_s"] for r in report["runs"]), default=0)
     best_inproc = max(r["img_per_s"] for r in report["inprocess"])

@@ -27,6 +27,7 @@ class Predictor:
         device: str | torch.device = "auto",
         amp: str = "auto",
         channels_last: bool = True,
+        jit: bool = False,
     ):
         self.device = pick_device(device) if str(device) in ("auto", "true", "false") else torch.device(device)
         self.meta = meta
@@ -46,6 +47,10 @@ class Predictor:
             interpolation=meta.get("interpolation", "bicubic"),
         )
         self.version = model_version(meta)
+        # predict_tensor's module; self.model stays the eager one (Grad-CAM hooks it)
+        self.forward: nn.Module = self.model
+        if jit and self.device.type == "cpu":
+            self.forward = jit_module(self.model, self.image_size, channels_last)
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, device: str | torch.device = "auto", **kw) -> Predictor:
@@ -63,7 +68,7 @@ class Predictor:
     def predict_tensor(self, x: torch.Tensor) -> torch.Tensor:
         """Class probabilities (N, C), float32 on the CPU."""
         with autocast(self.device, self.amp):
-            logits = self.model(x)
+            logits = self.forward(x)
         return logits.float().softmax(1).cpu()
 
     def predict_images(self, images: Sequence[Image.Image]) -> list[dict[str, Any]]:
@@ -77,6 +82,30 @@ class Predictor:
             "prob_ai": float(probs[self.ai_index]),
             "model": self.version,
         }
+
+
+def jit_module(model: nn.Module, image_size: int, channels_last: bool = True) -> nn.Module:
+    """The model traced and frozen (BatchNorm folded) for CPU inference, or `model` itself if that fails.
+
+    Why: an eager forward takes the GIL for every one of its ~250 ops, so next to a busy event loop (a Serve
+    replica under load) it waits on the GIL over and over: 84 against 16 ms per image at 64 px with one
+    Python thread spinning beside it. The traced graph runs in C++ without the GIL (12.6 ms/img beside the
+    same thread, 11.9 alone). torch.jit is deprecated in favour of torch.compile/export, which need a C++
+    toolchain at run time; until one of those runs without it, this is the portable way."""
+    import logging
+    import warnings
+
+    x = torch.zeros(2, 3, image_size, image_size)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    try:
+        with warnings.catch_warnings(), torch.inference_mode():
+            warnings.filterwarnings("ignore", message=r".*torch\.jit.*deprecated", category=Warning)
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+            return torch.jit.freeze(torch.jit.trace(model.eval(), x, check_trace=False))
+    except Exception as e:  # noqa: BLE001 - an untraceable model still predicts, only slower under load
+        logging.getLogger(__name__).warning("could not trace the model (%s); using it eagerly", e)
+        return model
 
 
 def model_version(meta: dict[str, Any]) -> str:

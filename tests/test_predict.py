@@ -62,6 +62,19 @@ def test_predict_rows_decodes_and_turns_bad_bytes_into_error_rows(trained_model_
     np.testing.assert_allclose(rows["prob_ai"][[0, 2, 4]], [e["prob_ai"] for e in expected], atol=1e-6)
 
 
+def test_traced_predictor_matches_the_eager_one_at_any_batch_size(trained_model_dir):
+    """jit=True (what the Serve Detector runs): the same probabilities for batch sizes other than the
+    traced one, and the eager module is kept for Grad-CAM."""
+    eager = Predictor.from_dir(trained_model_dir, device="cpu")
+    traced = Predictor.from_dir(trained_model_dir, device="cpu", jit=True)
+    assert isinstance(traced.forward, torch.jit.ScriptModule) and not isinstance(traced.model, torch.jit.ScriptModule)
+    imgs = [decode_image(p.read_bytes()) for p in sorted((SAMPLE_DIR / "FAKE").iterdir())[:5]]
+    for n in (1, 5):
+        a, b = eager.predict_images(imgs[:n]), traced.predict_images(imgs[:n])
+        assert [x["label"] for x in a] == [x["label"] for x in b]
+        np.testing.assert_allclose([x["prob_ai"] for x in a], [x["prob_ai"] for x in b], atol=1e-5)
+
+
 def test_ensemble_is_the_mean_probability(trained_model_dir, tmp_path):
     torch.manual_seed(0)
     _, meta = load_model(trained_model_dir)

@@ -159,6 +159,51 @@ def test_http_helpers():
     assert route_path({"path": "/", "root_path": ""}) == "/" and route_path({"path": "/healthz/"}) == "/healthz"
 
 
+def test_forward_merger_joins_what_arrives_while_the_model_runs():
+    """Submissions made during a call go into the next call together (up to max_items, whole submissions);
+    every caller gets its own results; a failing call fails only its callers; a cancelled caller does not
+    stall the others."""
+    from deepfake.serve import ForwardMerger
+
+    calls: list[list[int]] = []
+
+    def slow(items: list[int]) -> list[int]:
+        calls.append(list(items))
+        time.sleep(0.2)
+        if -1 in items:
+            raise ValueError("bad item")
+        return [x * 10 for x in items]
+
+    merger = ForwardMerger(slow, max_items=8)
+
+    async def submit(items: list[int], delay: float = 0.0):
+        await asyncio.sleep(delay)
+        return await merger.submit(items)
+
+    async def scenario():
+        # one call starts at once; 12 single items and one pair arrive while it runs
+        jobs = [submit([0])] + [submit([i], 0.05 + 0.005 * i) for i in range(1, 13)] + [submit([20, 21], 0.12)]
+        results = await asyncio.gather(*jobs)
+        assert [r for r, _ in results] == [[0]] + [[i * 10] for i in range(1, 13)] + [[200, 210]]
+        assert calls == [[0], [1, 2, 3, 4, 5, 6, 7, 8], [9, 10, 11, 12, 20, 21]]
+        assert [n for _, n in results] == [1] + [8] * 8 + [6] * 5
+        # a failing call: its callers get the error; the next submission is served
+        failed, after = await asyncio.gather(submit([-1]), submit([5], 0.05), return_exceptions=True)
+        assert isinstance(failed, ValueError) and after == ([50], 1), (failed, after)
+        assert (await submit([7]))[0] == [70]
+        # a caller cancelled mid-call: the call finishes and the caller waiting behind it is served
+        first = asyncio.create_task(submit([1]))
+        await asyncio.sleep(0.05)
+        second = asyncio.create_task(submit([2]))
+        await asyncio.sleep(0.01)
+        first.cancel()
+        assert (await asyncio.wait_for(second, 5))[0] == [20]
+
+    asyncio.run(scenario())
+    assert merger.items == sum(len(c) for c in calls if -1 not in c)
+    assert merger.pass_sizes[8] == 1 and merger.busy_s > 0
+
+
 def png_bytes(img: Image.Image) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
