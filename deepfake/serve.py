@@ -61,10 +61,11 @@ class ServeArgs(BaseModel):
     detector_num_cpus: float = 1.0
     explainer_num_cpus: float = 0.5
     ingress_num_cpus: float = 0.1
-    # On CPU a forward pass of a few images costs nearly what a full batch does: waiting 50 ms for a batch
-    # to fill gave 6x the req/s of a 10 ms wait under 64 clients (bench/serve_load.py).
+    # Images per forward pass, and how long the first request of a pass waits for company. Under load the
+    # passes fill anyway (ForwardMerger); the wait is what a lone request pays: 37 ms at 0.01 against 76 ms
+    # at 0.05 here, for the same 64-client req/s within noise (bench/serve_load.py).
     max_batch_size: int = Field(32, ge=1)
-    batch_wait_timeout_s: float = Field(0.05, ge=0)
+    batch_wait_timeout_s: float = Field(0.01, ge=0)
     explain_batch_size: int = Field(4, ge=1)
     max_body_bytes: int = Field(10 * 2**20, ge=1)
     max_pixels: int = Field(MAX_PIXELS, ge=1)
