@@ -216,7 +216,7 @@ def evaluate(
     chosen = _select(catalog.samples, settings, split)
     refs, labels = chosen["ref"].tolist(), chosen["label"].tolist()
     read = _Reader(catalog.blobs)
-    predictors = [Predictor.from_dir(d, device=device) for d in dirs]
+    predictors = [Predictor.from_dir(d, device=device, jit=True) for d in dirs]  # traced on CPU: faster
     log.info("evaluating %d model(s) on %d images (%s part of %s)", len(dirs), len(refs), split, source)
 
     conditions = list(CONDITIONS) if robustness else ["clean"]
