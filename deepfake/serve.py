@@ -246,6 +246,9 @@ class Detector:
         self.predict.set_max_batch_size(max_batch_size)
         self.predict.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self.merger = ForwardMerger(self.predictor.predict_images, max_batch_size)
+        # Serve warns when max_batch_size x max_concurrent_batches exceeds max_ongoing_requests, since the
+        # batches would hold the replica; here they only wait in the merger, so the advice does not apply
+        log.addFilter(lambda record: "`max_concurrent_batches`" not in record.getMessage())
         self.replica = _replica_id()
         self.last_ok = 0.0
         self.started = time.monotonic()

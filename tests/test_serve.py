@@ -413,7 +413,8 @@ def ray_head(tmp_path, request):
     yield {"dashboard": dash_url, "env": env}
     os.killpg(proc.pid, signal.SIGTERM)  # --block tears down the processes it started
     try:
-        proc.wait(timeout=30)
+        # not longer: Serve replicas it signals wait out their graceful shutdown (60 s for the Ingress)
+        proc.wait(timeout=10)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
     log.close()
