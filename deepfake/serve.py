@@ -181,8 +181,11 @@ class ForwardMerger:
         self.pending: list[tuple[list, asyncio.Future]] = []
         self.drainer: asyncio.Task | None = None
         self.pass_sizes: Counter[int] = Counter()
-        self.items = 0
         self.busy_s = 0.0  # wall time inside fn: its share of a run says whether the model is the bottleneck
+
+    @property
+    def items(self) -> int:
+        return sum(n * k for n, k in self.pass_sizes.items())
 
     async def submit(self, items: list) -> tuple[list, int]:
         """`fn`'s results for `items`, and how many items the call that produced them had."""
@@ -213,7 +216,6 @@ class ForwardMerger:
             return
         self.busy_s += time.perf_counter() - t0
         self.pass_sizes[n] += 1
-        self.items += n
         for items, done in take:
             if not done.done():
                 done.set_result((out[: len(items)], n))
