@@ -67,19 +67,42 @@ def resolve_pretrained(source: str | None) -> str:
     return str(p.resolve())
 
 
+def by_position(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], head: int = 2) -> dict[str, torch.Tensor]:
+    """`state` renamed to `own`'s keys when only the names differ: checkpoints of other implementations of
+    the same network (the offline EfficientNet-Lite0 ImageNet weights use lukemelas' `_blocks.0._bn0.weight`
+    names, timm `blocks.0.0.bn1.weight`). Tensor i maps to tensor i only if both lists have the same length
+    and the same shapes in the same order, up to the last `head` tensors (a classifier of another size, left
+    fresh); anything else returns {}, so a wrong architecture is never loaded by accident."""
+
+    def tensors(d: dict[str, torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
+        return [(k, v) for k, v in d.items() if not k.endswith("num_batches_tracked")]
+
+    mine, theirs = tensors(own), tensors(state)
+    if len(mine) != len(theirs) or len(mine) <= head:
+        return {}
+    agree = [a.shape == b.shape for (_, a), (_, b) in zip(mine, theirs)]
+    if not all(agree[: len(mine) - head]):
+        return {}
+    return {k: theirs[i][1] for i, (k, _) in enumerate(mine) if agree[i]}
+
+
 def load_backbone_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Load everything that fits; a head of another shape (1000 ImageNet classes) is left fresh."""
     own = model.state_dict()
     fitting = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    dropped = sorted(set(state) - set(fitting))
-    missing = sorted(set(own) - set(fitting))
+    if len(fitting) < 0.5 * len(own) and (renamed := by_position(own, state)):
+        log.warning(
+            "%s: tensor names differ from %s's; mapped %d by position", source, type(model).__name__, len(renamed)
+        )
+        fitting = renamed
     if len(fitting) < 0.5 * len(own):
         raise ModelError(
             f"{source}: only {len(fitting)} of {len(own)} tensors match {type(model).__name__}; "
             "wrong architecture for these weights?"
         )
     model.load_state_dict(fitting, strict=False)
-    log.info("loaded %d tensors from %s (%d left fresh, %d dropped)", len(fitting), source, len(missing), len(dropped))
+    n = len(fitting)
+    log.info("loaded %d tensors from %s (%d left fresh, %d dropped)", n, source, len(own) - n, len(state) - n)
 
 
 def create_model(cfg: ModelConfig, num_classes: int = len(CLASSES)) -> nn.Module:

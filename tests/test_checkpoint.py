@@ -89,6 +89,22 @@ def test_card_states_the_models_a_run_was_initialised_from(tmp_path):
     assert "total training wall time, all stages: 15.0 min" in card
 
 
+def test_pretrained_weights_with_another_implementations_names(tmp_path):
+    """An ImageNet checkpoint of the same network from another code base (other key names, 1000-class head,
+    a .pth of plain tensors) loads by position; a checkpoint of another network still fails loudly."""
+    import timm
+
+    imagenet = timm.create_model("tf_efficientnet_lite0", num_classes=1000)
+    foreign = {f"_layer{i}.{k.rsplit('.', 1)[-1]}": v for i, (k, v) in enumerate(imagenet.state_dict().items())}
+    torch.save(foreign, tmp_path / "lite0.pth")
+    m = create_model(ModelConfig(arch="tf_efficientnet_lite0", pretrained=str(tmp_path / "lite0.pth")))
+    assert torch.equal(m.conv_stem.weight, imagenet.conv_stem.weight)
+    assert torch.equal(m.blocks[-1][0].bn2.running_var, imagenet.blocks[-1][0].bn2.running_var)
+    assert m.classifier.weight.shape == (2, 1280)  # the 1000-class head is left fresh
+    with pytest.raises(ModelError, match="wrong architecture"):
+        create_model(ModelConfig(arch="efficientnet_b0", pretrained=str(tmp_path / "lite0.pth")))
+
+
 def test_pretrained_paths_are_resolved_on_the_driver(tmp_path, monkeypatch):
     from deepfake.model import resolve_pretrained
 
