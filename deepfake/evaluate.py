@@ -140,10 +140,7 @@ def predict_prob_ai(
     errors = [""] * len(refs)
     for x, idx, errs in loader:
         idx = idx.numpy()
-        x = x.to(predictor.device, non_blocking=True)
-        if predictor.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        p = predictor.predict_tensor(x)[:, predictor.ai_index].numpy()
+        p = predictor.predict_tensor(predictor.place(x))[:, predictor.ai_index].numpy()
         for j, (i, err) in enumerate(zip(idx, errs)):
             if err:
                 errors[i] = err

@@ -60,7 +60,10 @@ class Predictor:
 
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """RGB PIL images -> normalised batch on the model's device."""
-        x = torch.stack([self.transform(img) for img in images])
+        return self.place(torch.stack([self.transform(img) for img in images]))
+
+    def place(self, x: torch.Tensor) -> torch.Tensor:
+        """A transformed batch on the model's device, in the model's memory format."""
         x = x.to(self.device, non_blocking=True)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
