@@ -7,7 +7,8 @@ cosine schedule ends inside it, then trains with the torch backend (`deepfake tr
 same loop, checkpoints and model card as Ray Train, no Ray needed on the GPU box). The chosen size and epochs
 go into the exported card's config, so `deepfake train --config` reproduces the run anywhere.
 
-If the run is interrupted (SIGINT, e.g. `timeout -s INT`), the best epoch checkpoint so far is exported.
+If the run is interrupted (SIGINT, e.g. `timeout -s INT`), the best epoch so far is exported (train.fit does
+that for the torch backend).
 
     python bench/train_gpu.py --config deepfake/configs/cifake-b0-gpu.yaml --data cifake_train.tar.gz \\
         --budget 420 --sizes 64,32 --min-epochs 40 --out models/cifake-b0-gpu
@@ -19,7 +20,6 @@ import argparse
 import logging
 import math
 import time
-from pathlib import Path
 
 import torch
 from report import emit  # noqa: E402 - bench/report.py, next to this script
@@ -27,13 +27,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from deepfake import config as cfgmod
-from deepfake.checkpoint import host_info, read_train_state
+from deepfake.checkpoint import host_info
 from deepfake.data import BlobStore
-from deepfake.model import create_model, pick_device, resolve_pretrained, to_device
+from deepfake.model import create_model, pick_device, to_device
 from deepfake.train import (
-    LocalSession,
+    Interrupted,
     build_optimizer,
-    export_best,
     fit,
     loader_kwargs,
     make_datasets,
@@ -116,30 +115,9 @@ def main() -> None:
     interrupted = False
     try:
         out = fit(cfg, prepared=prepared)
-        model_dir, metrics, history = out["model_dir"], out["metrics"], out["history"]
-    except KeyboardInterrupt:
-        # salvage: export the best epoch so far; the card's history shows how many epochs ran
-        interrupted = True
-        session = LocalSession(Path(args.storage).resolve() / cfg.train.name, pick_device(cfg.train.use_gpu))
-        best, last = session.best(), session.latest()
-        if best is None:
-            raise
-        with last.as_directory() as d:
-            history = read_train_state(Path(d)).history
-        hw = f"1 process (no Ray), interrupted after epoch {last.metrics['epoch']}"
-        model_dir = str(
-            export_best(
-                cfg,
-                best,
-                best.metrics,
-                history,
-                prepared[1],
-                time.time() - fit_start,
-                hw,
-                resolve_pretrained(cfg.model.pretrained),
-            )
-        )
-        metrics = best.metrics
+    except Interrupted as e:  # fit exported the best epoch so far; its card's history says how many ran
+        out, interrupted = e.result, True
+    model_dir, metrics, history = out["model_dir"], out["metrics"], out["history"]
     emit(
         {
             "host": host_info(),

@@ -497,8 +497,9 @@ def main(argv: list[str] | None = None) -> int:
     except (cfgmod.ConfigError, DataError, ModelError, CheckpointError, BadImage, FileNotFoundError) as e:
         log.error("%s", e)
         return 2
-    except KeyboardInterrupt:
-        log.error("interrupted")
+    except KeyboardInterrupt as e:
+        saved = getattr(e, "result", {}).get("model_dir")  # train.Interrupted: the best epoch was exported
+        log.error("interrupted%s", f"; the best epoch so far is in {saved}" if saved else "")
         return 130
 
 

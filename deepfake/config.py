@@ -63,7 +63,7 @@ class TrainConfig:
     lr: float = 7.6e-4
     weight_decay: float = 3.8e-4
     momentum: float = 0.9
-    scheduler: str = "step"  # step (StepLR), cosine, onecycle, none
+    scheduler: str = "step"  # step (StepLR), cosine, none
     step_size: int = 5
     gamma: float = 0.1
     warmup_epochs: int = 0
@@ -164,28 +164,18 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
             return value.lower() in ("true", "yes", "1")
         raise ConfigError(f"{key}: expected true/false, got {value!r}")
-    if tp is int:
+    if tp in (int, float):
+        what = "an integer" if tp is int else "a number"
         if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
+            raise ConfigError(f"{key}: expected {what}, got {value!r}")
+        if isinstance(value, int) or (isinstance(value, float) and (tp is float or value.is_integer())):
+            return tp(value)
         if isinstance(value, str):
             try:
-                return int(value)
+                return tp(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+        raise ConfigError(f"{key}: expected {what}, got {value!r}")
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -228,6 +218,71 @@ def from_dict(raw: dict[str, Any] | None) -> Config:
         for key, value in values.items():
             set_value(cfg, f"{section_name}.{key}", value)
     return cfg
+
+
+LR_SCHEDULERS = ("step", "cosine", "none")
+BACKENDS = ("ray", "torch")
+AMP = ("auto", "bf16", "fp16", "off")
+
+
+def at_least(*rules: tuple[str, float | None, float]) -> None:
+    """(key, value, lowest allowed) rules; None values are unset options, not errors."""
+    for key, value, low in rules:
+        if value is not None and value < low:
+            raise ConfigError(f"{key}: must be >= {low}, got {value}")
+
+
+def check(cfg: Config) -> None:
+    """The values a run would otherwise reject late (after the scan, inside a Ray worker, with a traceback)
+    or misread silently (an unknown amp mode), refused up front with the key in the message."""
+    from timm.optim import list_optimizers
+
+    d, m, t = cfg.data, cfg.model, cfg.train
+    at_least(
+        ("data.image_size", d.image_size, 8),
+        ("data.max_per_class", d.max_per_class, 1),
+        ("data.rotation", d.rotation, 0),
+        ("data.crop_padding", d.crop_padding, 0),
+        ("data.loader_workers", d.loader_workers, 0),
+        ("model.stem_stride", m.stem_stride, 1),
+        ("model.drop_rate", m.drop_rate, 0),
+        ("train.epochs", t.epochs, 1),
+        ("train.batch_size", t.batch_size, 1),
+        ("train.weight_decay", t.weight_decay, 0),
+        ("train.momentum", t.momentum, 0),
+        ("train.step_size", t.step_size, 1),
+        ("train.warmup_epochs", t.warmup_epochs, 0),
+        ("train.label_smoothing", t.label_smoothing, 0),
+        ("train.patience", t.patience, 0),
+        ("train.workers", t.workers, 1),
+        ("train.cpus_per_worker", t.cpus_per_worker, 1),
+        ("train.max_failures", t.max_failures, -1),
+        ("train.num_to_keep", t.num_to_keep, 1),
+        ("train.log_every", t.log_every, 0),
+    )
+    for key, value in (
+        ("model.drop_rate", m.drop_rate),
+        ("train.momentum", t.momentum),
+        ("train.label_smoothing", t.label_smoothing),
+    ):
+        if value >= 1:
+            raise ConfigError(f"{key}: must be below 1, got {value}")
+    if t.lr <= 0 or t.gamma <= 0:
+        raise ConfigError(f"train.lr and train.gamma must be > 0, got {t.lr} and {t.gamma}")
+    for key, value, choices in (
+        ("train.scheduler", t.scheduler, LR_SCHEDULERS),
+        ("train.backend", t.backend, BACKENDS),
+        ("train.amp", t.amp, AMP),
+    ):
+        if value.lower() not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}")
+    if t.optimizer.lower() not in list_optimizers():
+        raise ConfigError(f"train.optimizer: unknown optimizer {t.optimizer!r} (adamw, adam, sgd or another timm name)")
+    if t.batch_size // t.workers < 2:
+        raise ConfigError(
+            f"train.batch_size: {t.batch_size} over {t.workers} worker(s) leaves {t.batch_size // t.workers} "
+            "image(s) per worker step; BatchNorm needs at least 2"
+        )
 
 
 def load(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:

@@ -22,8 +22,9 @@ import torch
 from torch import nn
 
 from deepfake import checkpoint as ckpt_io
-from deepfake.config import Config, ConfigError, from_dict
-from deepfake.data import CLASSES, BlobStore, ImageDataset, data_credits
+from deepfake import config as cfgmod
+from deepfake.config import LR_SCHEDULERS, Config, ConfigError, from_dict
+from deepfake.data import CLASSES, BlobStore, DataError, ImageDataset, data_credits
 from deepfake.model import (
     amp_dtype,
     autocast,
@@ -52,7 +53,7 @@ def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
     try:
         return create_optimizer_v2(unwrap_for_opt(model), opt=name, lr=t.lr, weight_decay=t.weight_decay, **kwargs)
     except (ValueError, AssertionError, KeyError) as e:
-        raise ValueError(f"optimizer {t.optimizer!r}: {e}") from None
+        raise ConfigError(f"train.optimizer {t.optimizer!r}: {e}") from None
 
 
 def unwrap_for_opt(model: nn.Module) -> nn.Module:
@@ -65,8 +66,8 @@ def lr_multiplier(cfg: Config, steps_per_epoch: int) -> Callable[[int], float]:
     warmup = max(0, t.warmup_epochs) * steps_per_epoch
     total = max(1, t.epochs * steps_per_epoch)
     kind = t.scheduler.lower()
-    if kind not in ("step", "cosine", "none"):
-        raise ValueError(f"scheduler {t.scheduler!r}: expected step, cosine or none")
+    if kind not in LR_SCHEDULERS:
+        raise ConfigError(f"train.scheduler: {t.scheduler!r} is not one of {', '.join(LR_SCHEDULERS)}")
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -109,6 +110,15 @@ class EpochStats:
         return self.correct / max(1.0, self.count)
 
 
+def batch_to_device(batch: tuple[torch.Tensor, torch.Tensor], device: torch.device, channels_last: bool):
+    """(images, labels) on the device; images in channels_last when the model is (the fast layout for convs)."""
+    x, y = batch
+    x = x.to(device, non_blocking=True)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, y.to(device, non_blocking=True)
+
+
 def train_one_epoch(
     model: nn.Module,
     loader,
@@ -127,11 +137,8 @@ def train_one_epoch(
     total_loss, correct, count = 0.0, 0.0, 0.0
     start = time.perf_counter()
     n_steps = len(loader)
-    for step, (x, y) in enumerate(loader):
-        x = x.to(device, non_blocking=True)
-        y = y.to(device, non_blocking=True)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+    for step, batch in enumerate(loader):
+        x, y = batch_to_device(batch, device, channels_last)
         with autocast(device, amp):
             logits = model(x)
             loss = loss_fn(logits, y)
@@ -170,11 +177,8 @@ def evaluate_loader(
     model.eval()
     total_loss, correct, count = 0.0, 0.0, 0.0
     start = time.perf_counter()
-    for x, y in loader:
-        x = x.to(device, non_blocking=True)
-        y = y.to(device, non_blocking=True)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+    for batch in loader:
+        x, y = batch_to_device(batch, device, channels_last)
         with autocast(device, amp):
             logits = model(x)
         total_loss += float(loss_fn(logits.float(), y)) * y.shape[0]
@@ -354,7 +358,10 @@ def run_loop(loop_config: dict[str, Any], session: TrainSession | TuneTrialSessi
     kw = loader_kwargs(cfg, device)
     train_loader = DataLoader(datasets["train"], batch_size=per_worker_batch, shuffle=True, drop_last=True, **kw)
     if len(train_loader) == 0:
-        raise ValueError(f"the train split ({len(datasets['train'])} images) is smaller than one batch")
+        raise DataError(
+            f"the train part ({len(datasets['train'])} images) is smaller than one batch ({per_worker_batch} per "
+            "worker): lower train.batch_size or add images"
+        )
     train_loader = session.prepare_loader(train_loader)
     # Validation shards by stride, without DistributedSampler's padding, so the reduced metrics are exact.
     val_ds = Subset(datasets["val"], range(rank, len(datasets["val"]), world))
@@ -482,7 +489,7 @@ def prepare_splits(cfg: Config) -> tuple[Any, dict, dict[str, tuple[list[str], l
         part = split[split["split"] == name]
         splits[name] = (part["ref"].tolist(), part["label"].tolist())
     if not splits["train"][0] or not splits["val"][0]:
-        raise ValueError(f"{path}: too few images for a train and a validation split ({rep['splits']})")
+        raise DataError(f"{path}: too few images for a train and a validation part ({rep['splits']})")
     return split, rep, splits
 
 
@@ -502,18 +509,21 @@ def run_name(cfg: Config) -> str:
     return cfg.train.name or datetime.now().strftime("train-%Y%m%d-%H%M%S")
 
 
-BACKENDS = ("ray", "torch")
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a torch-backend run, after the best epoch so far was exported; `result` is what fit
+    would have returned (the history stops at the last finished epoch)."""
+
+    def __init__(self, result: dict[str, Any]):
+        super().__init__(f"interrupted after epoch {len(result['history'])}")
+        self.result = result
 
 
 def fit(cfg: Config, address: str | None = None, export: bool = True, prepared: tuple | None = None) -> dict[str, Any]:
     """Train (Ray Train, or in this process with backend "torch") and export the best checkpoint (lowest val
     loss) with its model card. `prepared`: prepare_splits(cfg)'s result, when the caller already scanned."""
+    cfgmod.check(cfg)
     backend = cfg.train.backend.lower()
-    if backend not in BACKENDS:
-        raise ConfigError(f"train.backend: {cfg.train.backend!r} is not one of {', '.join(BACKENDS)}")
     pretrained = resolve_pretrained(cfg.model.pretrained)  # a missing file fails now, not in a worker
-    if backend == "ray":
-        ensure_ray(address)
     name = run_name(cfg)
     storage = cfg.train.storage_path
     if "://" not in storage:
@@ -521,16 +531,24 @@ def fit(cfg: Config, address: str | None = None, export: bool = True, prepared: 
     elif backend == "torch":
         raise ConfigError(f"train.storage_path: {storage} is a URI; the torch backend writes a local folder")
     run_dir = f"{storage}/{name}"
-    split, rep, splits = prepared or prepare_splits(cfg)
+    split, rep, splits = prepared or prepare_splits(cfg)  # bad data fails before Ray starts
+    if len(splits["train"][0]) < cfg.train.batch_size:
+        raise DataError(
+            f"the train part has {len(splits['train'][0])} images, fewer than one batch (train.batch_size "
+            f"{cfg.train.batch_size}): lower the batch size or add images"
+        )
+    if backend == "ray":
+        ensure_ray(address)
     # the resolved config and the split, next to the checkpoints (a local folder or s3:// / gs://)
     write_uri_files(run_dir, {"config.yaml": cfg.to_yaml(), "split.csv": split.to_csv(index=False)})
     loop_config = {"cfg": with_pretrained(cfg, pretrained).to_dict(), "splits": splits, "run_dir": run_dir}
     log.info("run %s (%s backend): %s", name, backend, rep["splits"])
     start = time.time()
+    interrupted = False
     if backend == "ray":
         best, best_metrics, last, hardware = _fit_ray(cfg, name, storage, loop_config)
     else:
-        best, best_metrics, last, hardware = _fit_torch(cfg, Path(run_dir), loop_config)
+        best, best_metrics, last, hardware, interrupted = _fit_torch(cfg, Path(run_dir), loop_config)
     seconds = time.time() - start
     with last.as_directory() as d:
         history = ckpt_io.read_train_state(Path(d)).history
@@ -545,6 +563,8 @@ def fit(cfg: Config, address: str | None = None, export: bool = True, prepared: 
     }
     if export:
         out["model_dir"] = str(export_best(cfg, best, best_metrics, history, rep, seconds, hardware, pretrained))
+    if interrupted:
+        raise Interrupted(out)
     return out
 
 
@@ -584,13 +604,22 @@ def _fit_torch(cfg: Config, run_dir: Path, loop_config: dict[str, Any]):
     if cfg.train.workers != 1:
         raise ConfigError(f"train.workers: {cfg.train.workers}; the torch backend runs one process (use ray)")
     session = LocalSession(run_dir, pick_device(cfg.train.use_gpu), cfg.train.num_to_keep)
-    run_loop(loop_config, session)
+    where = "GPU" if session.device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    hardware = f"1 process (no Ray) on {where}"
+    try:
+        run_loop(loop_config, session)
+    except KeyboardInterrupt:
+        # Ctrl-C keeps what was learnt: the best finished epoch is exported like a finished run's (fit raises
+        # Interrupted after the export); --resume still continues from the latest epoch
+        if session.best() is None:
+            raise
+        hardware += f", interrupted after epoch {session.latest().metrics['epoch']}"
+        log.warning("interrupted: exporting the best epoch so far (continue with --resume %s)", run_dir.name)
+        return session.best(), session.best().metrics, session.latest(), hardware, True
     best = session.best()
     if best is None:
         raise RuntimeError(f"run {run_dir.name} finished without a checkpoint")
-    where = "GPU" if session.device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    hardware = f"1 process (no Ray) on {where}"
-    return best, best.metrics, session.latest(), hardware
+    return best, best.metrics, session.latest(), hardware, False
 
 
 def export_best(cfg, best, metrics, history, rep, seconds, hardware: str, pretrained: str) -> Path:

@@ -32,7 +32,7 @@ from typing import Any
 
 import pandas as pd
 
-from deepfake.config import Config, ConfigError, _coerce, _section_types, from_dict, set_value
+from deepfake.config import Config, ConfigError, _coerce, _section_types, at_least, check, from_dict, set_value
 
 log = logging.getLogger(__name__)
 
@@ -209,18 +209,17 @@ def best_config(base: Config, params: dict[str, Any]) -> Config:
 
 
 def validate(cfg: Config) -> dict[str, ParamSpec]:
+    check(cfg)  # the base settings every trial starts from
     t = cfg.tune
     specs = parse_space(t.space, t.searcher)
-    for name, value, low in (
-        ("samples", t.samples, 1),
-        ("epochs", t.epochs, 1),
-        ("grace_period", t.grace_period, 1),
-        ("reduction_factor", t.reduction_factor, 2),
-        ("max_concurrent", t.max_concurrent, 1),
-        ("workers_per_trial", t.workers_per_trial, 1),
-    ):
-        if value < low:
-            raise ConfigError(f"tune.{name}: must be >= {low}, got {value}")
+    at_least(
+        ("tune.samples", t.samples, 1),
+        ("tune.epochs", t.epochs, 1),
+        ("tune.grace_period", t.grace_period, 1),
+        ("tune.reduction_factor", t.reduction_factor, 2),
+        ("tune.max_concurrent", t.max_concurrent, 1),
+        ("tune.workers_per_trial", t.workers_per_trial, 1),
+    )
     if t.grace_period > t.epochs:
         raise ConfigError(f"tune.grace_period ({t.grace_period}) exceeds the per-trial budget tune.epochs ({t.epochs})")
     if t.mode not in ("min", "max"):

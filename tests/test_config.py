@@ -46,3 +46,45 @@ def test_bad_yaml_is_a_clear_error(tmp_path, text, match):
 def test_missing_file():
     with pytest.raises(config.ConfigError, match="not found"):
         config.load("/nonexistent/c.yaml")
+
+
+@pytest.mark.parametrize(
+    "key, value, match",
+    [
+        ("train.epochs", 0, "train.epochs: must be >= 1, got 0"),
+        ("train.lr", -1.0, "train.lr and train.gamma must be > 0"),
+        ("train.optimizer", "adamx2", "unknown optimizer 'adamx2'"),
+        ("train.scheduler", "onecycle", "train.scheduler: 'onecycle' is not one of step, cosine, none"),
+        ("train.amp", "yes", "train.amp: 'yes' is not one of auto, bf16, fp16, off"),
+        ("train.batch_size", 1, "leaves 1 image"),
+        ("train.label_smoothing", 1.0, "must be below 1"),
+        ("data.image_size", 4, "data.image_size: must be >= 8"),
+        ("model.stem_stride", 0, "model.stem_stride: must be >= 1"),
+    ],
+)
+def test_values_a_run_would_reject_late_are_refused_up_front(key, value, match):
+    cfg = config.Config()
+    config.set_value(cfg, key, value)
+    with pytest.raises(config.ConfigError, match=match):
+        config.check(cfg)
+
+
+def test_train_cli_refuses_bad_settings_and_too_little_data_before_starting_ray(tmp_path, monkeypatch, caplog):
+    """exit 2 with one clear line, never a traceback; and no Ray: these fail before it would start."""
+    import logging
+    import sys
+
+    from deepfake.cli import main
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # importing ray now fails: nothing here may need it
+    monkeypatch.chdir(tmp_path)
+    for args, match in (
+        (["--workers", "4", "--batch-size", "4"], "4 over 4 worker(s) leaves 1 image"),
+        (["--max-per-class", "3"], "the train part has 2 images, fewer than one batch (train.batch_size 128)"),
+        (["--val-ratio", "0"], "too few images for a train and a validation part"),
+    ):
+        caplog.clear()
+        with caplog.at_level(logging.ERROR):
+            assert main(["train", "--image-size", "32", *args]) == 2
+        assert any(match in m for m in caplog.messages), caplog.messages
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "models").exists()

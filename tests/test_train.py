@@ -143,6 +143,36 @@ def test_torch_backend_trains_resumes_and_exports_without_ray(small_sample, tmp_
         assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)
 
 
+def test_ctrl_c_exports_the_best_epoch_so_far(small_sample, tmp_path):
+    """Ctrl-C (SIGINT) in a torch-backend run: exit 130, but the best finished epoch is exported with its card."""
+    import signal
+    import subprocess
+    import sys
+
+    args = ["train", "--backend", "torch", "--storage-path", str(tmp_path / "runs"), "--name", "stop"]
+    args += ["--data", str(small_sample), "--epochs", "500", "--batch-size", "16", "--stem-stride", "2"]
+    args += ["--val-ratio", "0.15", "--test-ratio", "0.15", "--out", str(tmp_path / "model")]
+    args += ["--set", "data.image_size=32", "--set", "train.log_every=0"]
+    proc = subprocess.Popen([sys.executable, "-c", NO_RAY, *args], stderr=subprocess.PIPE, text=True)
+    seen = []
+    try:
+        for line in proc.stderr:  # "epoch 2: {...}" is logged after epoch 1's checkpoint is in place
+            seen.append(line)
+            if " epoch 2: " in line:
+                proc.send_signal(signal.SIGINT)
+                break
+        rest = proc.communicate(timeout=120)[1]
+    finally:
+        proc.kill()
+    log = "".join(seen) + rest
+    assert proc.returncode == 130, log[-3000:]
+    assert "interrupted; the best epoch so far is in" in log
+    meta = ck.read_metadata(tmp_path / "model")
+    assert 1 <= meta["epochs_run"] < 500 and ", interrupted after epoch" in meta["hardware"]
+    assert meta["best_epoch"] == min(meta["history"], key=lambda h: h["val_loss"])["epoch"]
+    ck.load_model(tmp_path / "model")
+
+
 def test_torch_backend_refuses_what_it_cannot_do(small_sample, tmp_path):
     from deepfake.config import ConfigError
 
