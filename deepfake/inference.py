@@ -13,7 +13,7 @@ from PIL import Image
 from torch import nn
 
 from deepfake.checkpoint import load_model
-from deepfake.model import autocast, pick_device
+from deepfake.model import autocast, input_to_device, pick_device, to_device
 from deepfake.transforms import build_transform
 
 
@@ -36,9 +36,7 @@ class Predictor:
         self.image_size = int(meta["image_size"])
         self.amp = amp
         self.channels_last = channels_last
-        self.model = model.to(self.device).eval()
-        if channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
+        self.model = to_device(model, self.device, channels_last).eval()
         self.transform = build_transform(
             self.image_size,
             tuple(meta["mean"]),
@@ -64,8 +62,7 @@ class Predictor:
 
     def place(self, x: torch.Tensor) -> torch.Tensor:
         """A transformed batch on the model's device, in the model's memory format."""
-        x = x.to(self.device, non_blocking=True)
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+        return input_to_device(x, self.device, self.channels_last)
 
     @torch.inference_mode()
     def predict_tensor(self, x: torch.Tensor) -> torch.Tensor:
@@ -98,9 +95,7 @@ def jit_module(model: nn.Module, image_size: int, channels_last: bool = True) ->
     import logging
     import warnings
 
-    x = torch.zeros(2, 3, image_size, image_size)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
+    x = input_to_device(torch.zeros(2, 3, image_size, image_size), torch.device("cpu"), channels_last)
     try:
         with warnings.catch_warnings(), torch.inference_mode():
             warnings.filterwarnings("ignore", message=r".*torch\.jit.*deprecated", category=Warning)

@@ -207,3 +207,10 @@ def to_device(model: nn.Module, device: torch.device, channels_last: bool = True
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
+
+
+def input_to_device(x: torch.Tensor, device: torch.device, channels_last: bool = True) -> torch.Tensor:
+    """An input batch for a model placed by to_device: same device, same memory format (channels_last, the
+    fast layout for convolutions; a mismatch makes every conv convert it)."""
+    x = x.to(device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x

@@ -31,6 +31,7 @@ from deepfake.model import (
     create_model,
     data_config,
     freeze_frozen_batchnorm,
+    input_to_device,
     pick_device,
     resolve_pretrained,
     to_device,
@@ -111,12 +112,9 @@ class EpochStats:
 
 
 def batch_to_device(batch: tuple[torch.Tensor, torch.Tensor], device: torch.device, channels_last: bool):
-    """(images, labels) on the device; images in channels_last when the model is (the fast layout for convs)."""
+    """(images, labels) on the device, the images in the model's memory format."""
     x, y = batch
-    x = x.to(device, non_blocking=True)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x, y.to(device, non_blocking=True)
+    return input_to_device(x, device, channels_last), y.to(device, non_blocking=True)
 
 
 def train_one_epoch(
