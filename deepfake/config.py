@@ -232,6 +232,12 @@ def at_least(*rules: tuple[str, float | None, float]) -> None:
             raise ConfigError(f"{key}: must be >= {low}, got {value}")
 
 
+def one_of(key: str, value: str, choices: tuple[str, ...], ignore_case: bool = False) -> None:
+    """A setting that names one of a fixed set (a scheduler, a backend); the message lists the set."""
+    if (value.lower() if ignore_case else value) not in choices:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}")
+
+
 def check(cfg: Config) -> None:
     """The values a run would otherwise reject late (after the scan, inside a Ray worker, with a traceback)
     or misread silently (an unknown amp mode), refused up front with the key in the message."""
@@ -269,13 +275,9 @@ def check(cfg: Config) -> None:
             raise ConfigError(f"{key}: must be below 1, got {value}")
     if t.lr <= 0 or t.gamma <= 0:
         raise ConfigError(f"train.lr and train.gamma must be > 0, got {t.lr} and {t.gamma}")
-    for key, value, choices in (
-        ("train.scheduler", t.scheduler, LR_SCHEDULERS),
-        ("train.backend", t.backend, BACKENDS),
-        ("train.amp", t.amp, AMP),
-    ):
-        if value.lower() not in choices:
-            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}")
+    one_of("train.scheduler", t.scheduler, LR_SCHEDULERS, ignore_case=True)
+    one_of("train.backend", t.backend, BACKENDS, ignore_case=True)
+    one_of("train.amp", t.amp, AMP, ignore_case=True)
     if t.optimizer.lower() not in list_optimizers():
         raise ConfigError(f"train.optimizer: unknown optimizer {t.optimizer!r} (adamw, adam, sgd or another timm name)")
     if t.batch_size // t.workers < 2:

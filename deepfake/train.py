@@ -23,7 +23,7 @@ from torch import nn
 
 from deepfake import checkpoint as ckpt_io
 from deepfake import config as cfgmod
-from deepfake.config import LR_SCHEDULERS, Config, ConfigError, from_dict
+from deepfake.config import LR_SCHEDULERS, Config, ConfigError, from_dict, one_of
 from deepfake.data import CLASSES, BlobStore, DataError, ImageDataset, data_credits
 from deepfake.model import (
     amp_dtype,
@@ -66,9 +66,8 @@ def lr_multiplier(cfg: Config, steps_per_epoch: int) -> Callable[[int], float]:
     t = cfg.train
     warmup = max(0, t.warmup_epochs) * steps_per_epoch
     total = max(1, t.epochs * steps_per_epoch)
+    one_of("train.scheduler", t.scheduler, LR_SCHEDULERS, ignore_case=True)
     kind = t.scheduler.lower()
-    if kind not in LR_SCHEDULERS:
-        raise ConfigError(f"train.scheduler: {t.scheduler!r} is not one of {', '.join(LR_SCHEDULERS)}")
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -604,6 +603,7 @@ def _fit_torch(cfg: Config, run_dir: Path, loop_config: dict[str, Any]):
     session = LocalSession(run_dir, pick_device(cfg.train.use_gpu), cfg.train.num_to_keep)
     where = "GPU" if session.device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     hardware = f"1 process (no Ray) on {where}"
+    interrupted = False
     try:
         run_loop(loop_config, session)
     except KeyboardInterrupt:
@@ -611,13 +611,13 @@ def _fit_torch(cfg: Config, run_dir: Path, loop_config: dict[str, Any]):
         # Interrupted after the export); --resume still continues from the latest epoch
         if session.best() is None:
             raise
+        interrupted = True
         hardware += f", interrupted after epoch {session.latest().metrics['epoch']}"
         log.warning("interrupted: exporting the best epoch so far (continue with --resume %s)", run_dir.name)
-        return session.best(), session.best().metrics, session.latest(), hardware, True
     best = session.best()
     if best is None:
         raise RuntimeError(f"run {run_dir.name} finished without a checkpoint")
-    return best, best.metrics, session.latest(), hardware, False
+    return best, best.metrics, session.latest(), hardware, interrupted
 
 
 def export_best(cfg, best, metrics, history, rep, seconds, hardware: str, pretrained: str) -> Path:

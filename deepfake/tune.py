@@ -32,7 +32,17 @@ from typing import Any
 
 import pandas as pd
 
-from deepfake.config import Config, ConfigError, _coerce, _section_types, at_least, check, from_dict, set_value
+from deepfake.config import (
+    Config,
+    ConfigError,
+    _coerce,
+    _section_types,
+    at_least,
+    check,
+    from_dict,
+    one_of,
+    set_value,
+)
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +130,7 @@ def parse_space(space: Any, searcher: str = "optuna") -> dict[str, ParamSpec]:
     """Validate a `tune.space` mapping; every error names the parameter and what is wrong."""
     if not isinstance(space, dict) or not space:
         raise ConfigError(f"tune.space must be a non-empty mapping of parameter -> distribution, got {space!r}")
-    if searcher not in SEARCHERS:
-        raise ConfigError(f"tune.searcher: {searcher!r} is not one of {', '.join(SEARCHERS)}")
+    one_of("tune.searcher", searcher, SEARCHERS)
     specs: dict[str, ParamSpec] = {}
     for name, spec in space.items():
         if not isinstance(name, str) or not name:
@@ -222,10 +231,8 @@ def validate(cfg: Config) -> dict[str, ParamSpec]:
     )
     if t.grace_period > t.epochs:
         raise ConfigError(f"tune.grace_period ({t.grace_period}) exceeds the per-trial budget tune.epochs ({t.epochs})")
-    if t.mode not in ("min", "max"):
-        raise ConfigError(f"tune.mode: expected min or max, got {t.mode!r}")
-    if t.scheduler not in SCHEDULERS:
-        raise ConfigError(f"tune.scheduler: expected one of {', '.join(SCHEDULERS)}, got {t.scheduler!r}")
+    one_of("tune.mode", t.mode, ("min", "max"))
+    one_of("tune.scheduler", t.scheduler, SCHEDULERS)
     known = ("val_acc", "val_loss", "train_acc", "train_loss")
     if t.metric not in known:
         raise ConfigError(f"tune.metric: {t.metric!r} is not reported per epoch (one of {', '.join(known)})")
