@@ -297,6 +297,7 @@ def render_card(meta: dict[str, Any]) -> str:
         lines += ["", "## Robustness", "| condition | accuracy |", "| --- | --- |"]
         for cond, acc in meta["robustness"].items():
             lines.append(f"| {cond} | {_pct(acc)} |")
+    lines += ["", *trust_lines(meta.get("trust"))]
     lines += [
         "",
         "## Limitations",
@@ -313,6 +314,59 @@ def render_card(meta: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def trust_lines(trust: dict[str, Any] | None) -> list[str]:
+    """The card's section on how far a verdict can be trusted (written by `deepfake calibrate`)."""
+    out = ["## How far a verdict can be trusted"]
+    if not trust:
+        return out + [
+            "No calibration and **no out-of-domain guard** are fitted for this model: probabilities are the raw "
+            "softmax, the threshold is 0.5, and every answer says `in_domain: null` (the model cannot tell an "
+            "image unlike its training data). Run `deepfake calibrate --model DIR` to fit them."
+        ]
+    fit = trust.get("fitted", {})
+    out += [
+        f"Fitted by `deepfake calibrate` on {fit.get('created', 'n/a')} with `{fit.get('data')}` "
+        f"(the {fit.get('split', 'val')} part for calibration and thresholds, up to {fit.get('fit_images')} "
+        "training images for the guard's statistics).",
+        f"- temperature: {trust['temperature']:.4f} (every reported P(ai) is softmax(logits / T); "
+        "`prob_ai_raw` is the uncalibrated one)",
+        f"- uncertainty band: calibrated P(ai) from {trust['band'][0]} to {trust['band'][1]} gives the verdict "
+        "`uncertain`",
+    ]
+    for key, row in (trust.get("calibration") or {}).items():
+        out.append(f"- {key}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()))
+    ops = trust.get("operating_points") or {}
+    if ops:
+        out += [
+            "",
+            "| operating point | threshold on P(ai) | FPR on real | detection rate |",
+            "| --- | --- | --- | --- |",
+        ]
+        for name, op in ops.items():
+            det = op.get("detection_rate", 1 - op.get("fnr", float("nan")))
+            out.append(f"| {name} | {op['threshold']:.4f} | {_pct(op['fpr'])} | {_pct(det)} |")
+    g = trust.get("guard")
+    if g:
+        e = g["envelope"]
+        out += [
+            "",
+            f"Out-of-domain guard (`{g['file']}`): {g.get('method')}, on pooled features of blocks {g['taps']} "
+            f"and the penultimate layer, fitted on {g.get('fit_images')} training images; threshold at the "
+            f"{g.get('quantile', 0.99):.0%} quantile of {g.get('threshold_images')} validation images. "
+            f"Input envelope: short side {e['short_min']}-{e['short_max']} px, long side up to {e['long_max']} px, "
+            f"aspect ratio up to {e['aspect_max']:.2f} (with {SIZE_SLACK_TEXT} slack). An image outside either is "
+            "answered `uncertain` with `in_domain: false`.",
+        ]
+        for key, val in (g.get("measured") or {}).items():
+            out.append(f"- {key}: {val}")
+    else:
+        out += ["", "**No out-of-domain guard** is fitted: answers say `in_domain: null`."]
+    return out
+
+
+SIZE_SLACK_TEXT = "25% size, 10% aspect"
 
 
 @dataclass

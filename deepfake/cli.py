@@ -258,8 +258,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         device=args.device,
         num_workers=args.loader_workers,
-        threshold=args.threshold,
+        threshold=args.operating_point,
         n_bootstrap=args.bootstrap,
+        progress=True,
     )
     if args.update_card:
         from deepfake.evaluate import update_card
@@ -288,6 +289,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         gpus_per_replica=args.gpus_per_replica,
         overwrite=args.overwrite,
         address=args.address,
+        operating_point=args.operating_point,
     )
     print(json.dumps(summary, indent=2, default=str))
     return 0
@@ -299,7 +301,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from deepfake.images import BadImage, decode_image
     from deepfake.inference import Predictor
 
-    predictor = Predictor.from_dir(_model_dirs([args.model] if args.model else None)[0], device=args.device)
+    predictor = Predictor.from_dir(
+        _model_dirs([args.model] if args.model else None)[0], device=args.device, operating_point=args.operating_point
+    )
     images, names, failed = [], [], []
     for path in args.images:
         try:
@@ -316,6 +320,29 @@ def cmd_explain(args: argparse.Namespace) -> int:
     expls = explain_images(predictor, images, target=args.target, batch_size=args.batch_size)
     result = write_explanations(expls, names, args.output)
     print(json.dumps({**result, "failed": failed}, indent=2))
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from deepfake.calibrate import calibrate, remove
+    from deepfake.checkpoint import resolve_model_dir
+
+    if args.remove:
+        remove(resolve_model_dir(args.model))
+        return 0
+    band = tuple(float(x) for x in args.band.split(","))
+    if len(band) != 2:
+        raise cfgmod.ConfigError(f"--band {args.band!r}: expected LO,HI")
+    result = calibrate(
+        args.model,
+        data=args.data,
+        fit_images=args.fit_images,
+        band=band,
+        quantile=1 - args.flag_rate,
+        batch_size=args.batch_size,
+        device=args.device,
+    )
+    print(json.dumps(result, indent=2, default=str))
     return 0
 
 
@@ -346,11 +373,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         host=args.host,
         address=args.address,
         http_path=args.http_path,
+        operating_point=args.operating_point,
     )
     return 0
 
 
 # ---------------------------------------------------------------------------------------------- parser
+OP_HELP = (
+    "threshold on calibrated P(ai) (0..1), or an operating point the model recorded: fpr=0.01, fpr=0.05 or eer "
+    "(default 0.5)"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deepfake", description="Tell AI-generated images from real photos.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -425,7 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=64)
     ev.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     ev.add_argument("--loader-workers", type=int, default=0, help="DataLoader processes decoding images")
-    ev.add_argument("--threshold", type=float, default=0.5, help="P(ai) at or above which the verdict is ai")
+    ev.add_argument("--operating-point", "--threshold", dest="operating_point", help=OP_HELP)
     ev.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the ROC-AUC interval")
     ev.add_argument("--update-card", action="store_true", help="record the result in the model folder and its card")
     ev.set_defaults(func=cmd_evaluate)
@@ -439,7 +473,12 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("predict", help="batch prediction with Ray Data: folder, .tar(.gz) or CSV -> predictions CSV")
     pr.add_argument("path", help="folder (every image, recursively), .tar/.tar.gz archive, or CSV manifest (path)")
     pr.add_argument("--model", action="append", metavar="DIR", help=MODEL_HELP)
-    pr.add_argument("-o", "--output", default="predictions.csv", help="CSV: filename,class,prob_ai,model,error")
+    pr.add_argument(
+        "-o",
+        "--output",
+        default="predictions.csv",
+        help="CSV: filename, class, verdict, prob_ai, prob_ai_raw, in_domain, domain_score, reason, ... (README)",
+    )
     pr.add_argument("--batch-size", type=int, default=64, help="images per model call")
     pr.add_argument("--concurrency", type=int, help="model replicas (default: one per GPU, or per 2 CPUs)")
     pr.add_argument("--gpus-per-replica", type=float, help="GPUs per replica (default 1 when GPUs exist; 0: CPU)")
@@ -447,6 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="start the output afresh (default: resume, skipping rows written)"
     )
     pr.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or an embedded local Ray)")
+    pr.add_argument("--operating-point", "--threshold", dest="operating_point", help=OP_HELP)
     pr.set_defaults(func=cmd_predict)
 
     ex = sub.add_parser("explain", help="Grad-CAM heatmaps: overlay PNG + .npy per image, and a contact sheet")
@@ -456,7 +496,21 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--target", help="class to explain, e.g. ai or real (default: each image's predicted class)")
     ex.add_argument("--batch-size", type=int, default=16, help="images per Grad-CAM forward/backward")
     ex.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    ex.add_argument("--operating-point", "--threshold", dest="operating_point", help=OP_HELP)
     ex.set_defaults(func=cmd_explain)
+
+    ca = sub.add_parser(
+        "calibrate", help="fit a model's temperature, operating points and out-of-domain guard on its own data"
+    )
+    ca.add_argument("--model", metavar="DIR", help="model folder (default: the shipped models/cifake-b0)")
+    ca.add_argument("--data", help="dataset (default: the data the model was trained on, split as in training)")
+    ca.add_argument("--fit-images", type=int, default=10_000, help="training images for the guard's statistics")
+    ca.add_argument("--band", default="0.2,0.8", help="LO,HI: calibrated P(ai) in this band is 'uncertain'")
+    ca.add_argument("--flag-rate", type=float, default=0.01, help="share of in-domain validation images flagged")
+    ca.add_argument("--batch-size", type=int, default=64)
+    ca.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    ca.add_argument("--remove", action="store_true", help="drop the folder's calibration and guard instead")
+    ca.set_defaults(func=cmd_calibrate)
 
     cd = sub.add_parser("card", help="regenerate a model folder's card (README.md) from its metadata")
     cd.add_argument("model", nargs="?", metavar="DIR", help="model folder (default: the shipped models/cifake-b0)")
@@ -469,6 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, help="HTTP port (overrides the config; default 8000)")
     sv.add_argument("--host", help="HTTP host (default 127.0.0.1; 0.0.0.0 for other machines)")
     sv.add_argument("--address", help="Ray cluster address (default: an embedded local Ray)")
+    sv.add_argument("--operating-point", "--threshold", dest="operating_point", help=OP_HELP)
     sv.add_argument(
         "--http-path",
         choices=("auto", "haproxy", "proxy"),
@@ -487,14 +542,25 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    from deepfake.calibration import CalibrationError
     from deepfake.checkpoint import CheckpointError
     from deepfake.data import DataError
+    from deepfake.guard import GuardError
     from deepfake.images import BadImage
     from deepfake.model import ModelError
 
     try:
         return int(args.func(args) or 0)
-    except (cfgmod.ConfigError, DataError, ModelError, CheckpointError, BadImage, FileNotFoundError) as e:
+    except (
+        cfgmod.ConfigError,
+        DataError,
+        ModelError,
+        CheckpointError,
+        BadImage,
+        FileNotFoundError,
+        CalibrationError,
+        GuardError,
+    ) as e:
         log.error("%s", e)
         return 2
     except KeyboardInterrupt as e:

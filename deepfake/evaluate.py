@@ -19,6 +19,7 @@ import json
 import logging
 from collections import Counter
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +28,21 @@ import pandas as pd
 import torch
 from PIL import Image, ImageFilter
 from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
 from deepfake import checkpoint as ck
+from deepfake.calibration import coverage_table, operating_points
 from deepfake.config import DataConfig
 from deepfake.data import SAMPLE_DIR, DataError, read_ref, scan, split_samples
 from deepfake.images import BadImage, decode_image
-from deepfake.metrics import compute_metrics, write_plots
+from deepfake.metrics import (
+    brier,
+    compute_metrics,
+    expected_calibration_error,
+    plot_reliability,
+    to_binary,
+    write_plots,
+)
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +121,8 @@ class _Reader:
 
 
 class _EvalImages(Dataset):
-    """(tensor, index, ok) per ref; a file that no longer decodes gives ok=False instead of killing the batch."""
+    """(tensor, index, original width, height, error) per ref; a file that no longer decodes gives an error
+    text instead of killing the batch."""
 
     def __init__(self, refs: list[str], read: _Reader, transform: Callable, size: int, condition: str = "clean"):
         self.refs, self.read, self.transform, self.size, self.condition = refs, read, transform, size, condition
@@ -125,28 +136,86 @@ class _EvalImages(Dataset):
             perturb = CONDITIONS[self.condition]
             if perturb is not None:
                 img = perturb(img)
-            return self.transform(img), i, ""
+            return self.transform(img), i, img.width, img.height, ""
         except (BadImage, OSError, KeyError) as e:
-            return torch.zeros(3, self.size, self.size), i, f"{type(e).__name__}: {e}"[:200]
+            return torch.zeros(3, self.size, self.size), i, 0, 0, f"{type(e).__name__}: {e}"[:200]
 
 
-def predict_prob_ai(
-    predictor, refs: list[str], read: _Reader, condition: str = "clean", batch_size: int = 64, num_workers: int = 0
-) -> tuple[np.ndarray, list[str]]:
-    """P(ai) per ref (NaN where the file failed) and the per-ref error text ('' when fine)."""
+@dataclass
+class RefOutputs:
+    """A model's raw outputs over a list of refs: logits (N, C) and tapped features (N, D) (NaN where the
+    file failed), the original (width, height) after any perturbation, and the error text ('' when fine)."""
+
+    logits: np.ndarray
+    feats: np.ndarray | None
+    sizes: list[tuple[int, int]]
+    errors: list[str]
+
+    @property
+    def ok(self) -> np.ndarray:
+        return np.array([not e for e in self.errors], dtype=bool)
+
+
+def infer_refs(
+    predictor,
+    refs: list[str],
+    read: _Reader,
+    condition: str = "clean",
+    batch_size: int = 64,
+    num_workers: int = 0,
+    progress: bool = False,
+    desc: str | None = None,
+) -> RefOutputs:
+    """One batched pass of `predictor` over `refs` (decoded, perturbed by `condition`, transformed)."""
     ds = _EvalImages(refs, read, predictor.transform, predictor.image_size, condition)
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    probs = np.full(len(refs), np.nan)
+    logits = np.full((len(refs), len(predictor.classes)), np.nan, dtype=np.float32)
+    feats = None
+    sizes = [(0, 0)] * len(refs)
     errors = [""] * len(refs)
-    for x, idx, errs in loader:
-        idx = idx.numpy()
-        p = predictor.predict_tensor(predictor.place(x))[:, predictor.ai_index].numpy()
-        for j, (i, err) in enumerate(zip(idx, errs)):
-            if err:
-                errors[i] = err
-            else:
-                probs[i] = p[j]
-    return probs, errors
+    with tqdm(total=len(refs), unit="img", desc=desc or condition, disable=not progress, mininterval=2) as bar:
+        for x, idx, w, h, errs in loader:
+            idx = idx.numpy()
+            lg, ft = predictor.forward_batch(predictor.place(x))
+            if ft is not None and feats is None:
+                feats = np.full((len(refs), ft.shape[1]), np.nan, dtype=np.float32)
+            for j, (i, err) in enumerate(zip(idx, errs)):
+                if err:
+                    errors[i] = err
+                    continue
+                logits[i] = lg[j]
+                if ft is not None:
+                    feats[i] = ft[j]
+                sizes[i] = (int(w[j]), int(h[j]))
+            bar.update(len(idx))
+    return RefOutputs(logits, feats, sizes, errors)
+
+
+@dataclass
+class Scored:
+    """What evaluation needs per image: calibrated and raw P(ai) (NaN on errors), the guard's answer."""
+
+    prob: np.ndarray
+    raw: np.ndarray
+    in_domain: list[bool | None]
+    domain_score: list[float | None]
+    errors: list[str]
+
+
+def score_refs(predictor, refs: list[str], read: _Reader, condition: str = "clean", **kw) -> Scored:
+    out = infer_refs(predictor, refs, read, condition, **kw)
+    ok = out.ok
+    prob, raw = np.full(len(refs), np.nan), np.full(len(refs), np.nan)
+    dom: list[bool | None] = [None] * len(refs)
+    score: list[float | None] = [None] * len(refs)
+    if ok.any():
+        s = predictor.scores(
+            out.logits[ok], None if out.feats is None else out.feats[ok], [out.sizes[i] for i in np.flatnonzero(ok)]
+        )
+        prob[ok], raw[ok] = s.prob_ai, s.prob_ai_raw
+        for i, d, sc in zip(np.flatnonzero(ok), s.in_domain, s.domain_score):
+            dom[i], score[i] = d, sc
+    return Scored(prob, raw, dom, score, out.errors)
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -190,7 +259,7 @@ def evaluate(
     batch_size: int = 64,
     device: str = "auto",
     num_workers: int = 0,
-    threshold: float = 0.5,
+    threshold: float | str | None = None,
     n_bootstrap: int = 1000,
     progress: bool = False,
 ) -> dict[str, Any]:
@@ -213,28 +282,33 @@ def evaluate(
     chosen = _select(catalog.samples, settings, split)
     refs, labels = chosen["ref"].tolist(), chosen["label"].tolist()
     read = _Reader(catalog.blobs)
-    predictors = [Predictor.from_dir(d, device=device, jit=True) for d in dirs]  # traced on CPU: faster
+    predictors = [  # traced on CPU: faster
+        Predictor.from_dir(d, device=device, jit=True, operating_point=threshold) for d in dirs
+    ]
+    op = predictors[0].op
     log.info("evaluating %d model(s) on %d images (%s part of %s)", len(dirs), len(refs), split, source)
 
     conditions = list(CONDITIONS) if robustness else ["clean"]
-    per_condition: dict[str, tuple[np.ndarray, np.ndarray, list[str]]] = {}
+    per_condition: dict[str, Scored] = {}
+    members: list[Scored] = []
     for cond in conditions:
-        per_model, errors = [], [""] * len(refs)
-        for pred in predictors:
-            probs, errs = predict_prob_ai(pred, refs, read, cond, batch_size, num_workers)
-            per_model.append(probs)
-            errors = [a or b for a, b in zip(errors, errs)]
-        stacked = np.vstack(per_model)  # (models, images)
-        per_condition[cond] = (stacked.mean(axis=0), stacked, errors)
+        per_model = [
+            score_refs(pred, refs, read, cond, batch_size=batch_size, num_workers=num_workers, progress=progress)
+            for pred in predictors
+        ]
+        per_condition[cond] = combine(per_model)
+        members = members or per_model  # the clean condition's, for the per-model columns
 
-    mean_prob, stacked, errors = per_condition["clean"]
-    ok = np.array([not e for e in errors])
+    clean = per_condition["clean"]
+    ok = np.array([not e for e in clean.errors])
     if not ok.any():
         raise DataError(f"none of the {len(refs)} selected images could be decoded at evaluation time")
     y_ok = [label for label, good in zip(labels, ok) if good]
-    metrics = compute_metrics(y_ok, mean_prob[ok], threshold=threshold, n_bootstrap=n_bootstrap)
+    metrics = compute_metrics(y_ok, clean.prob[ok], threshold=op.threshold, n_bootstrap=n_bootstrap)
+    metrics["operating_point"] = op.name
+    trust = trust_report(predictors, y_ok, clean, ok, op.threshold)
 
-    failed = [e for e in errors if e]
+    failed = [e for e in clean.errors if e]
     skipped = {
         "count": int(len(catalog.skipped) + len(failed)),
         "at_scan": int(len(catalog.skipped)),
@@ -244,7 +318,7 @@ def evaluate(
     }
     result: dict[str, Any] = {
         "models": [{"path": str(d), "version": p.version} for d, p in zip(dirs, predictors)],
-        "combine": "mean prob_ai" if len(dirs) > 1 else None,
+        "combine": "mean calibrated prob_ai" if len(dirs) > 1 else None,
         "data": source,
         "layout": catalog.layout,
         "split": split,
@@ -254,45 +328,98 @@ def evaluate(
         "n_selected": len(refs),
         "skipped": skipped,
         "metrics": metrics,
+        **trust,
     }
 
     if robustness:
         table: dict[str, dict[str, Any]] = {}
-        for cond, (probs, _, errs) in per_condition.items():
-            good = np.array([not e for e in errs])
-            m = compute_metrics(
-                [label for label, g in zip(labels, good) if g], probs[good], threshold=threshold, n_bootstrap=0
-            )
+        for cond, sc in per_condition.items():
+            good = np.array([not e for e in sc.errors])
+            y_good = [label for label, g in zip(labels, good) if g]
+            m = compute_metrics(y_good, sc.prob[good], threshold=op.threshold, n_bootstrap=0)
             table[cond] = {k: m[k] for k in ("n", "accuracy", "roc_auc", "f1_macro", "ece")}
             table[cond]["accuracy_delta"] = m["accuracy"] - metrics["accuracy"]
+            cov = coverage_table(to_binary(y_good), sc.prob[good], _domain(sc, good), op.threshold, predictors[0].band)
+            table[cond].update({"coverage": cov["coverage"], "accuracy_answered": cov["accuracy_answered"]})
         result["robustness"] = table
 
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        result["files"] = _write_outputs(out, result, refs, labels, mean_prob, stacked, errors, predictors, threshold)
-        result["files"].update(write_plots(y_ok, mean_prob[ok], out, metrics))
+        result["files"] = _write_outputs(out, result, refs, labels, clean, predictors, members)
+        result["files"].update(write_plots(y_ok, clean.prob[ok], out, metrics))
+        result["files"]["reliability_uncalibrated"] = str(
+            plot_reliability(y_ok, clean.raw[ok], out / "reliability_uncalibrated.png", title="Before calibration")
+        )
         (out / "metrics.json").write_text(json.dumps(result, indent=2))
     return result
 
 
-def _write_outputs(out, result, refs, labels, mean_prob, stacked, errors, predictors, threshold) -> dict[str, str]:
-    version = (
-        predictors[0].version if len(predictors) == 1 else "ensemble(" + "+".join(p.version for p in predictors) + ")"
+def combine(per_model: Sequence[Scored]) -> Scored:
+    """The ensemble of several models' scores: mean calibrated (and raw) P(ai); in domain where all agree
+    (None if any has no guard); the largest domain score; an error where any model failed."""
+    if len(per_model) == 1:
+        return per_model[0]
+    errors = [next((e for e in es if e), "") for es in zip(*(s.errors for s in per_model))]
+    doms = [None if None in d else all(d) for d in zip(*(s.in_domain for s in per_model))]
+    scores = [None if None in d else max(d) for d in zip(*(s.domain_score for s in per_model))]
+    return Scored(
+        np.mean([s.prob for s in per_model], axis=0), np.mean([s.raw for s in per_model], axis=0), doms, scores, errors
     )
+
+
+def _domain(sc: Scored, good: np.ndarray) -> list[bool | None]:
+    return [d for d, g in zip(sc.in_domain, good) if g]
+
+
+def trust_report(predictors, y_ok: list[str], clean: Scored, ok: np.ndarray, threshold: float) -> dict[str, Any]:
+    """Calibration before/after, operating points on this data, coverage and the guard's flag rate."""
+    y = to_binary(y_ok)
+    p, raw = clean.prob[ok], clean.raw[ok]
+    dom = _domain(clean, ok)
+    both = len(set(y.tolist())) == 2
+    out: dict[str, Any] = {
+        "calibration": {
+            "temperature": [pr.temperature for pr in predictors],
+            "before": {"ece": expected_calibration_error(y, raw), "brier": brier(y, raw)},
+            "after": {"ece": expected_calibration_error(y, p), "brier": brier(y, p)},
+        },
+        "operating_points": operating_points(y, p) if both else None,
+        "coverage": coverage_table(y, p, dom, threshold, predictors[0].band),
+    }
+    if all(d is not None for d in dom):
+        flagged = np.array([not d for d in dom])
+        out["guard"] = {"flagged": int(flagged.sum()), "flagged_fraction": float(flagged.mean())}
+    else:
+        out["guard"] = None
+    return out
+
+
+def _write_outputs(out, result, refs, labels, clean: Scored, predictors, members: list[Scored]) -> dict[str, str]:
+    from deepfake.predict import ensemble_version
+
+    first = predictors[0]
+    answers = [
+        first.answer(p, r, d, sc) if not e else {}
+        for p, r, d, sc, e in zip(clean.prob, clean.raw, clean.in_domain, clean.domain_score, clean.errors)
+    ]
     preds = pd.DataFrame(
         {
             "filename": refs,
             "label": labels,
-            "class": [("" if e else ("ai" if p >= threshold else "real")) for p, e in zip(mean_prob, errors)],
-            "prob_ai": [None if e else round(float(p), 6) for p, e in zip(mean_prob, errors)],
-            "model": version,
-            "error": errors,
+            "class": [a.get("label", "") for a in answers],
+            "verdict": [a.get("verdict", "") for a in answers],
+            "prob_ai": [a.get("prob_ai") for a in answers],
+            "prob_ai_raw": [a.get("prob_ai_raw") for a in answers],
+            "in_domain": [a.get("in_domain") for a in answers],
+            "domain_score": [a.get("domain_score") for a in answers],
+            "model": ensemble_version(predictors),
+            "error": clean.errors,
         }
     )
-    if len(predictors) > 1:
-        for k in range(len(predictors)):
-            preds[f"prob_ai_{k + 1}"] = [None if e else round(float(p), 6) for p, e in zip(stacked[k], errors)]
+    if len(members) > 1:
+        for k, m in enumerate(members):
+            preds[f"prob_ai_{k + 1}"] = [None if e else float(p) for p, e in zip(m.prob, clean.errors)]
     files = {"metrics": str(out / "metrics.json"), "predictions": str(out / "predictions.csv")}
     preds.to_csv(out / "predictions.csv", index=False)
     if "robustness" in result:

@@ -13,7 +13,7 @@ import logging
 import threading
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
@@ -38,11 +38,16 @@ CONTACT_SHEET_MAX = 64  # overlays shown on one contact sheet; every image still
 
 @dataclass
 class Explanation:
-    label: str  # predicted class name
-    prob_ai: float
+    label: str  # class at the operating threshold
+    prob_ai: float  # calibrated
     target: str  # class the CAM explains
     cam: np.ndarray  # float32 (H, W) in [0, 1] at the original image's size
     overlay: Image.Image  # RGB heatmap overlay at the original image size
+    answer: dict = field(default_factory=dict)  # the Predictor's full answer: verdict, reason, in_domain, ...
+
+    @property
+    def verdict(self) -> str:
+        return self.answer.get("verdict", self.label)
 
 
 @dataclass
@@ -164,17 +169,19 @@ def explain_images(
                 cams = cam(input_tensor=x, targets=targets)
                 probs = cam.outputs.detach().float().softmax(1).cpu().numpy()
                 cam.outputs = None  # drop the autograd graph now, not at the next batch
-                for img, heat, p in zip(chunk, cams, probs):
-                    verdict = predictor.verdict(p)
+                # the verdict with its guard and calibration: one more forward, cheap beside the backward
+                answers = predictor.predict_images(chunk)
+                for img, heat, p, a in zip(chunk, cams, probs, answers):
                     explained = predictor.classes[int(np.argmax(p)) if target_idx is None else target_idx]
                     full = map_cam_to_image(heat, img.width, img.height)
                     out.append(
                         Explanation(
-                            label=verdict["label"],
-                            prob_ai=verdict["prob_ai"],
+                            label=a["label"],
+                            prob_ai=a["prob_ai"],
                             target=explained,
                             cam=full,
                             overlay=overlay_image(img, full),
+                            answer=a,
                         )
                     )
     return out
@@ -202,7 +209,9 @@ def write_explanations(expls: Sequence[Explanation], names: Sequence[str], out_d
     for e, stem, name in zip(expls, unique_stems(names), names):
         e.overlay.save(out / f"{stem}_overlay.png")
         np.save(out / f"{stem}_cam.npy", e.cam.astype(np.float32))
-        rows.append({"name": str(name), "stem": stem, "label": e.label, "prob_ai": e.prob_ai, "target": e.target})
+        rows.append(
+            {"name": str(name), "stem": stem, **e.answer, "label": e.label, "prob_ai": e.prob_ai, "target": e.target}
+        )
     sheet = write_contact_sheet(expls, [r["stem"] for r in rows], out / "contact_sheet.png") if expls else None
     return {"out_dir": str(out), "images": rows, "contact_sheet": str(sheet) if sheet else None}
 
@@ -223,7 +232,7 @@ def write_contact_sheet(expls: Sequence[Explanation], stems: Sequence[str], path
         ax.axis("off")
     for ax, (e, stem) in zip(axes.flat, shown):
         ax.imshow(e.overlay)
-        ax.set_title(f"{stem[:18]}\n{e.label} p(ai)={e.prob_ai:.2f}", fontsize=7)
+        ax.set_title(f"{stem[:18]}\n{e.verdict} p(ai)={e.prob_ai:.2f}", fontsize=7)
     fig.suptitle("Grad-CAM (red: evidence for the explained class)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

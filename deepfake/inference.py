@@ -4,6 +4,7 @@ explain and the server all use, so a verdict never depends on which entry point 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,13 +13,18 @@ import torch
 from PIL import Image
 from torch import nn
 
+from deepfake.calibration import DEFAULT_BAND, parse_operating_point, softmax, verdict
 from deepfake.checkpoint import load_model
+from deepfake.guard import DomainGuard, TappedNet
 from deepfake.model import autocast, input_to_device, pick_device, to_device
 from deepfake.transforms import build_transform
 
 
 class Predictor:
-    """A loaded model plus its own eval transform (size, interpolation, mean/std from its metadata)."""
+    """A loaded model plus its own eval transform (size, interpolation, mean/std from its metadata) and its
+    trust settings (`meta["trust"]`, written by `deepfake calibrate`): the temperature applied to every
+    P(ai), the operating points, the uncertainty band and the out-of-domain guard. A folder without them
+    still predicts: temperature 1, threshold 0.5, `in_domain` None."""
 
     def __init__(
         self,
@@ -28,6 +34,9 @@ class Predictor:
         amp: str = "auto",
         channels_last: bool = True,
         jit: bool = False,
+        operating_point: str | float | None = None,
+        guard: DomainGuard | None = None,
+        taps: Sequence[int] | None = None,
     ):
         self.device = pick_device(device) if str(device) in ("auto", "true", "false") else torch.device(device)
         self.meta = meta
@@ -45,16 +54,25 @@ class Predictor:
             interpolation=meta.get("interpolation", "bicubic"),
         )
         self.version = model_version(meta)
-        # predict_tensor's module; self.model stays the eager one (Grad-CAM hooks it)
-        self.forward: nn.Module = self.model
+        trust = meta.get("trust") or {}
+        self.temperature = float(trust.get("temperature", 1.0))
+        self.band = tuple(trust.get("band", DEFAULT_BAND))
+        self.operating_points: dict[str, Any] = trust.get("operating_points") or {}
+        self.op = parse_operating_point(operating_point, self.operating_points)
+        self.guard = guard
+        # features of these blocks come with the logits: the guard's, or `taps` to fit a new guard (calibrate)
+        self.taps = tuple(guard.taps if guard is not None else (taps or ()))
+        # self.net gives (logits, features); self.model stays the eager classifier (Grad-CAM hooks it)
+        self.net: nn.Module = TappedNet(self.model, self.taps) if self.taps else _LogitsOnly(self.model)
+        self.forward: nn.Module = self.net
         if jit and self.device.type == "cpu":
-            self.forward = jit_module(self.model, self.image_size, channels_last)
+            self.forward = jit_module(self.net, self.image_size, channels_last)
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, device: str | torch.device = "auto", **kw) -> Predictor:
         model, meta = load_model(model_dir)
         meta = {**meta, "path": str(model_dir)}
-        return cls(model, meta, device=device, **kw)
+        return cls(model, meta, device=device, guard=load_guard(model_dir, meta), **kw)
 
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """RGB PIL images -> normalised batch on the model's device."""
@@ -65,23 +83,111 @@ class Predictor:
         return input_to_device(x, self.device, self.channels_last)
 
     @torch.inference_mode()
-    def predict_tensor(self, x: torch.Tensor) -> torch.Tensor:
-        """Class probabilities (N, C), float32 on the CPU."""
+    def forward_batch(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        """Raw logits (N, C) and the tapped features (N, D), or None without taps; float32 on the CPU."""
         with autocast(self.device, self.amp):
-            logits = self.forward(x)
-        return logits.float().softmax(1).cpu()
+            logits, feats = self.forward(x)
+        return logits.float().cpu().numpy(), (feats.float().cpu().numpy() if self.taps else None)
+
+    def predict_tensor(self, x: torch.Tensor) -> torch.Tensor:
+        """Calibrated class probabilities (N, C), float32 on the CPU."""
+        logits, _ = self.forward_batch(x)
+        return torch.from_numpy(softmax(logits, self.temperature).astype(np.float32))
+
+    def score_batch(self, x: torch.Tensor, sizes: Sequence[tuple[int, int]] | None = None) -> BatchScores:
+        """Everything a verdict needs for a transformed batch; `sizes` are the original (width, height)."""
+        return self.scores(*self.forward_batch(x), sizes)
+
+    def scores(
+        self, logits: np.ndarray, feats: np.ndarray | None, sizes: Sequence[tuple[int, int]] | None
+    ) -> BatchScores:
+        """Calibrated and raw P(ai), and the guard's answer, from a forward pass's outputs."""
+        probs = softmax(logits, self.temperature)[:, self.ai_index]
+        raw = softmax(logits)[:, self.ai_index]
+        if self.guard is None:
+            n = len(logits)
+            return BatchScores(probs, raw, [None] * n, [None] * n, [""] * n)
+        in_domain, score, reasons = self.guard.check(feats, sizes)
+        return BatchScores(probs, raw, [bool(v) for v in in_domain], [float(v) for v in score], reasons)
 
     def predict_images(self, images: Sequence[Image.Image]) -> list[dict[str, Any]]:
-        probs = self.predict_tensor(self.preprocess(images)).numpy()
-        return [self.verdict(p) for p in probs]
+        scores = self.score_batch(self.preprocess(images), [img.size for img in images])
+        return self.answers(scores)
 
-    def verdict(self, probs: np.ndarray) -> dict[str, Any]:
-        """{label, prob_ai, model}: label is the argmax class (threshold 0.5 for two classes)."""
+    def answers(self, s: BatchScores) -> list[dict[str, Any]]:
+        return [
+            self.answer(p, r, d, sc, why)
+            for p, r, d, sc, why in zip(s.prob_ai, s.prob_ai_raw, s.in_domain, s.domain_score, s.reasons)
+        ]
+
+    def answer(
+        self, prob_ai: float, prob_ai_raw: float, in_domain: bool | None, domain_score: float | None, why: str = ""
+    ) -> dict[str, Any]:
+        """One answer: the thresholded `label`, the `verdict` (ai, real or uncertain) with its `reason`, the
+        calibrated and raw P(ai), the guard's `in_domain` and `domain_score`, and the model and threshold."""
+        v, reason = verdict(float(prob_ai), in_domain, self.op.threshold, self.band)
+        if in_domain is False and why:
+            reason = f"{reason}: {why}"
         return {
-            "label": self.classes[int(np.argmax(probs))],
-            "prob_ai": float(probs[self.ai_index]),
+            "label": "ai" if prob_ai >= self.op.threshold else "real",
+            "verdict": v,
+            "reason": reason,
+            "prob_ai": float(prob_ai),
+            "prob_ai_raw": float(prob_ai_raw),
+            "in_domain": in_domain,
+            "domain_score": None if domain_score is None else round(float(domain_score), 4),
+            "threshold": self.op.threshold,
+            "operating_point": self.op.name,
             "model": self.version,
         }
+
+
+@dataclass
+class BatchScores:
+    """Per image of a batch: calibrated and raw P(ai), the guard's answer (None without a guard) and why."""
+
+    prob_ai: np.ndarray
+    prob_ai_raw: np.ndarray
+    in_domain: list[bool | None]
+    domain_score: list[float | None]
+    reasons: list[str]
+
+
+class _LogitsOnly(nn.Module):
+    """The plain classifier with TappedNet's output shape (logits, empty features), so one path serves both."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.model(x)
+        return logits, logits.new_zeros((x.shape[0], 0))
+
+
+def score_images(predictors: Sequence[Predictor], images: Sequence[Image.Image]) -> BatchScores:
+    """One model's scores, or an ensemble's: the mean of the members' calibrated (and raw) P(ai); in domain
+    only where every member says so (None if any member has no guard); the largest domain score."""
+    sizes = [img.size for img in images]
+    per = [p.score_batch(p.preprocess(images), sizes) for p in predictors]
+    if len(per) == 1:
+        return per[0]
+    doms = list(zip(*(s.in_domain for s in per)))
+    scores = list(zip(*(s.domain_score for s in per)))
+    reasons = list(zip(*(s.reasons for s in per)))
+    return BatchScores(
+        np.mean([s.prob_ai for s in per], axis=0),
+        np.mean([s.prob_ai_raw for s in per], axis=0),
+        [None if None in d else all(d) for d in doms],
+        [None if None in sc else max(sc) for sc in scores],
+        ["; ".join(dict.fromkeys(r for r in rs if r)) for rs in reasons],
+    )
+
+
+def load_guard(model_dir: str | Path, meta: dict[str, Any]) -> DomainGuard | None:
+    """The folder's fitted guard, or None when it has none (answers then say in_domain: null)."""
+    spec = (meta.get("trust") or {}).get("guard")
+    return DomainGuard.load(model_dir, spec) if spec else None
 
 
 def jit_module(model: nn.Module, image_size: int, channels_last: bool = True) -> nn.Module:

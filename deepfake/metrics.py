@@ -136,6 +136,11 @@ def expected_calibration_error(y: np.ndarray, p: np.ndarray, n_bins: int = 10) -
     )
 
 
+def brier(y: np.ndarray, p: np.ndarray) -> float:
+    """Mean squared error of P(ai) against the 0/1 truth."""
+    return float(skm.brier_score_loss(y, p, pos_label=1))
+
+
 def _f(x: Any) -> float:
     return float(x)
 

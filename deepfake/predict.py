@@ -24,17 +24,30 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 from tqdm import tqdm
 
+from deepfake.calibration import parse_operating_point
 from deepfake.checkpoint import CheckpointError, read_metadata
 from deepfake.data import DataError, is_archive
 from deepfake.images import IMAGE_SUFFIXES, BadImage, decode_image
-from deepfake.inference import Predictor, model_version
+from deepfake.inference import Predictor, model_version, score_images
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ["filename", "class", "prob_ai", "model", "error"]
+# class: P(ai) >= the operating threshold; verdict: ai, real or uncertain (see deepfake.calibration)
+COLUMNS = [
+    "filename",
+    "class",
+    "verdict",
+    "prob_ai",
+    "prob_ai_raw",
+    "in_domain",
+    "domain_score",
+    "reason",
+    "operating_point",
+    "model",
+    "error",
+]
 ROWS_PER_BLOCK = 512  # rows per Ray Data block from the read stage
 MAX_BLOCK_BYTES = 32 * 1024 * 1024  # ... or fewer when the images are large
 
@@ -54,48 +67,43 @@ def ensemble_version(predictors: Sequence[Predictor] | Sequence[str]) -> str:
     return names[0] if len(names) == 1 else "ensemble(" + "+".join(names) + ")"
 
 
-def ensemble_probs(predictors: Sequence[Predictor], images: Sequence[Image.Image]) -> np.ndarray:
-    """Class probabilities (N, C): one model's, or the mean over several (same classes, same order)."""
-    probs = [p.predict_tensor(p.preprocess(images)).numpy().astype(np.float64) for p in predictors]
-    return probs[0] if len(probs) == 1 else np.mean(probs, axis=0)
-
-
 def predict_rows(
     predictors: Sequence[Predictor], filenames: Sequence[str], datas: Sequence[bytes | None], errors: Sequence[str]
 ) -> dict[str, np.ndarray]:
-    """Decode + predict one batch; an input that arrives with an error or does not decode becomes an error row."""
+    """Decode + predict one batch; an input that arrives with an error or does not decode becomes an error row.
+    Several predictors are an ensemble (`score_images`); its verdict uses the first model's operating point."""
     version = ensemble_version(predictors)
-    classes = predictors[0].classes
-    ai = predictors[0].ai_index
     n = len(filenames)
-    out_class = np.full(n, "", dtype=object)
-    out_prob = np.full(n, np.nan, dtype=np.float64)
-    out_error = np.array([e or "" for e in errors], dtype=object)
+    rows: list[dict[str, Any]] = [
+        {**dict.fromkeys(COLUMNS, ""), "in_domain": None, "domain_score": None} for _ in range(n)
+    ]
     images, index = [], []
     for i, (data, err) in enumerate(zip(datas, errors)):
+        rows[i]["error"] = err or ""
         if err:
             continue
         try:
             images.append(decode_image(data or b""))
             index.append(i)
         except BadImage as e:
-            out_error[i] = e.reason
+            rows[i]["error"] = e.reason
     if images:
-        probs = ensemble_probs(predictors, images)
-        for i, p in zip(index, probs):
-            out_class[i] = classes[int(np.argmax(p))]
-            out_prob[i] = float(p[ai])
-    return {
-        "filename": np.asarray(filenames, dtype=object),
-        "class": out_class,
-        "prob_ai": out_prob,
-        "model": np.full(n, version, dtype=object),
-        "error": out_error,
-    }
+        for i, answer in zip(index, predictors[0].answers(score_images(predictors, images))):
+            rows[i].update(answer)
+    out = {c: np.array([r.get("label", "") if c == "class" else r[c] for r in rows], dtype=object) for c in COLUMNS}
+    out["filename"] = np.asarray(filenames, dtype=object)
+    out["model"] = np.full(n, version, dtype=object)
+    out["prob_ai"] = np.array([np.nan if r["prob_ai"] == "" else r["prob_ai"] for r in rows], dtype=np.float64)
+    out["prob_ai_raw"] = np.array([np.nan if r["prob_ai_raw"] == "" else r["prob_ai_raw"] for r in rows])
+    return out
 
 
-def load_predictors(model_dirs: Sequence[str | Path], device: str = "auto") -> list[Predictor]:
-    predictors = [Predictor.from_dir(d, device=device, jit=True) for d in model_dirs]  # traced on CPU: faster
+def load_predictors(
+    model_dirs: Sequence[str | Path], device: str = "auto", operating_point: str | float | None = None
+) -> list[Predictor]:
+    predictors = [  # traced on CPU: faster
+        Predictor.from_dir(d, device=device, jit=True, operating_point=operating_point) for d in model_dirs
+    ]
     check_compatible([p.meta for p in predictors], model_dirs)
     return predictors
 
@@ -112,12 +120,12 @@ def check_compatible(metas: Sequence[dict], model_dirs: Sequence[str | Path]) ->
 class BatchPredictor:
     """The map_batches actor: loads the model(s) once, then decodes + predicts batches of bytes."""
 
-    def __init__(self, model_dirs: list[str], threads: int | None = None):
+    def __init__(self, model_dirs: list[str], threads: int | None = None, operating_point: str | None = None):
         if threads:
             import torch
 
             torch.set_num_threads(threads)
-        self.predictors = load_predictors(model_dirs)
+        self.predictors = load_predictors(model_dirs, operating_point=operating_point)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return predict_rows(self.predictors, list(batch["filename"]), list(batch["data"]), list(batch["error"]))
@@ -276,6 +284,17 @@ def _format_prob(x: float) -> str:
     return "" if x != x else repr(float(x))  # NaN (error rows) -> empty; repr round-trips exactly
 
 
+def _cell(column: str, value: Any) -> str:
+    """A CSV cell: probabilities round-trip exactly, booleans as true/false, None (no guard, error row) empty."""
+    if column in ("prob_ai", "prob_ai_raw"):
+        return _format_prob(value)
+    if value is None:
+        return ""
+    if isinstance(value, (bool, np.bool_)):
+        return "true" if value else "false"
+    return str(value)
+
+
 # ---------------------------------------------------------------------------------------------- driver
 def resources(concurrency: int | None, gpus_per_replica: float | None, read_cpus: float) -> dict[str, Any]:
     """Actor pool size and per-actor resources for this cluster. GPUs: one replica per `gpus_per_replica`
@@ -305,8 +324,10 @@ def predict(
     overwrite: bool = False,
     address: str | None = None,
     progress: bool = True,
+    operating_point: str | float | None = None,
 ) -> dict[str, Any]:
-    """Predict every image under `path` into `out_csv` (resuming it unless `overwrite`); returns a summary."""
+    """Predict every image under `path` into `out_csv` (resuming it unless `overwrite`); returns a summary.
+    `operating_point`: a threshold, "fpr=F" or "eer" from the (first) model's calibration; default 0.5."""
     import ray
 
     from deepfake.train import ensure_ray
@@ -317,6 +338,7 @@ def predict(
         raise CheckpointError("no model given")
     metas = [read_metadata(d) for d in dirs]  # fail fast, before Ray starts
     check_compatible(metas, dirs)
+    parse_operating_point(operating_point, (metas[0].get("trust") or {}).get("operating_points"))
     version = ensemble_version([model_version(m) for m in metas])
     src = Path(path).expanduser()
     if not src.exists():
@@ -339,6 +361,7 @@ def predict(
         "already_done": len(done),
         "predicted": 0,
         "errors": 0,
+        "verdicts": {},
     }
     if todo == 0:
         log.info("nothing left to predict")
@@ -360,7 +383,7 @@ def predict(
         _datasource(pairs, archive, done, min(ROWS_PER_BLOCK, max(batch_size, 32))), num_cpus=read_cpus
     ).map_batches(
         BatchPredictor,
-        fn_constructor_kwargs={"model_dirs": dirs, "threads": res["threads"]},
+        fn_constructor_kwargs={"model_dirs": dirs, "threads": res["threads"], "operating_point": operating_point},
         batch_size=batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=res["concurrency"]),
@@ -376,18 +399,13 @@ def predict(
             writer.writerow(COLUMNS)
             f.flush()
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            rows = list(
-                zip(
-                    batch["filename"],
-                    batch["class"],
-                    map(_format_prob, batch["prob_ai"]),
-                    batch["model"],
-                    batch["error"],
-                )
-            )
+            rows = [[_cell(c, batch[c][i]) for c in COLUMNS] for i in range(len(batch["filename"]))]
             writer.writerows(rows)
             f.flush()
             n_err = int(sum(1 for e in batch["error"] if e))
+            for v in batch["verdict"]:
+                if v:
+                    summary["verdicts"][v] = summary["verdicts"].get(v, 0) + 1
             summary["errors"] += n_err
             summary["predicted"] += len(rows) - n_err
             bar.update(len(rows))

@@ -56,6 +56,9 @@ class ServeArgs(BaseModel):
 
     model: str | None = Field(None, description="model folder (default: models/cifake-b0)")
     device: str = "auto"
+    operating_point: str | None = Field(
+        None, description="threshold on calibrated P(ai), or a recorded point: fpr=0.01, fpr=0.05, eer (default 0.5)"
+    )
     num_gpus: float | None = Field(None, description="GPUs per Detector replica; None: 0.5 if the cluster has a GPU")
     explainer_num_gpus: float | None = None
     detector_num_cpus: float = 1.0
@@ -236,6 +239,7 @@ class Detector:
         warmup: bool,
         jit: bool = True,
         threads: int | None = None,
+        operating_point: str | None = None,
     ):
         from deepfake.inference import Predictor
 
@@ -244,7 +248,7 @@ class Detector:
 
             torch.set_num_threads(threads)
         # traced: its forward leaves the GIL to the event loop that receives the next requests
-        self.predictor = Predictor.from_dir(model_dir, device=device, jit=jit)
+        self.predictor = Predictor.from_dir(model_dir, device=device, jit=jit, operating_point=operating_point)
         self.predict.set_max_batch_size(max_batch_size)
         self.predict.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self.merger = ForwardMerger(self.predictor.predict_images, max_batch_size)
@@ -299,10 +303,12 @@ class Detector:
 class Explainer:
     """Grad-CAM needs gradients and hooks the model, so it gets its own replicas and model copy."""
 
-    def __init__(self, model_dir: str, device: str, max_batch_size: int, warmup: bool):
+    def __init__(
+        self, model_dir: str, device: str, max_batch_size: int, warmup: bool, operating_point: str | None = None
+    ):
         from deepfake.inference import Predictor
 
-        self.predictor = Predictor.from_dir(model_dir, device=device)
+        self.predictor = Predictor.from_dir(model_dir, device=device, operating_point=operating_point)
         self.explain.set_max_batch_size(max_batch_size)
         self.batch_sizes: Counter[int] = Counter()
         self.replica = _replica_id()
@@ -328,6 +334,7 @@ class Explainer:
             exps = explain_images(self.predictor, [items[i][0] for i in idx], target=target)
             for i, e in zip(idx, exps):
                 out[i] = {
+                    **e.answer,
                     "label": e.label,
                     "prob_ai": float(e.prob_ai),
                     "target": e.target,
@@ -466,6 +473,8 @@ class Ingress:
             o = outs[0]
             headers = {
                 "X-Label": o["label"],
+                "X-Verdict": o["verdict"],
+                "X-In-Domain": {True: "true", False: "false", None: "unknown"}[o["in_domain"]],
                 "X-Prob-AI": f"{o['prob_ai']:.6f}",
                 "X-Target": o["target"],
                 "X-Model": o["model"],
@@ -564,7 +573,7 @@ class Ingress:
 def build_app(args: ServeArgs | dict[str, Any] | None = None) -> serve.Application:
     """The application graph: Ingress -> (Detector, Explainer), with resources and queue limits."""
     a = args if isinstance(args, ServeArgs) else ServeArgs.model_validate(args or {})
-    model_dir = str(resolve_model_dir(a.model))
+    model_dir = check_operating_point(a.model_dump())
     det_gpu, exp_gpu = gpu_shares(a, cluster_gpu_count())
     bs = a.max_batch_size
     detector = Detector.options(
@@ -584,7 +593,7 @@ def build_app(args: ServeArgs | dict[str, Any] | None = None) -> serve.Applicati
             },
             **a.detector_options,
         }
-    ).bind(model_dir, a.device, bs, a.batch_wait_timeout_s, a.warmup, a.jit, a.detector_threads)
+    ).bind(model_dir, a.device, bs, a.batch_wait_timeout_s, a.warmup, a.jit, a.detector_threads, a.operating_point)
     explainer = (
         None
         if not a.explain
@@ -601,7 +610,7 @@ def build_app(args: ServeArgs | dict[str, Any] | None = None) -> serve.Applicati
                 },
                 **a.explainer_options,
             }
-        ).bind(model_dir, a.device, a.explain_batch_size, a.warmup)
+        ).bind(model_dir, a.device, a.explain_batch_size, a.warmup, a.operating_point)
     )
     settings = a.model_dump(include={"max_body_bytes", "max_pixels", "max_files", "retries"})
     # A changed model path restarts every deployment. Serve's default rollout stops the old replica before
@@ -622,6 +631,22 @@ def build_app(args: ServeArgs | dict[str, Any] | None = None) -> serve.Applicati
     ).bind(detector, explainer, model_dir, settings)
 
 
+def check_operating_point(args: dict[str, Any]) -> str:
+    """The args' model folder (resolved), after checking their operating point is one the model recorded."""
+    from deepfake.calibration import CalibrationError, parse_operating_point
+    from deepfake.checkpoint import read_metadata
+    from deepfake.config import ConfigError
+
+    model_dir = str(resolve_model_dir(args.get("model")))
+    try:
+        parse_operating_point(
+            args.get("operating_point"), (read_metadata(model_dir).get("trust") or {}).get("operating_points")
+        )
+    except CalibrationError as e:
+        raise ConfigError(f"{model_dir}: {e}") from None
+    return model_dir
+
+
 def app_builder(args: dict[str, Any]) -> serve.Application:
     """Import path for serve_config.yaml (`deepfake.serve:app_builder`); `args` are `ServeArgs` fields."""
     return build_app(args)
@@ -640,7 +665,11 @@ def find_config(path: str | None) -> Path:
 
 
 def load_serve_config(
-    path: str | Path, model: str | None = None, port: int | None = None, host: str | None = None
+    path: str | Path,
+    model: str | None = None,
+    port: int | None = None,
+    host: str | None = None,
+    operating_point: str | None = None,
 ) -> dict[str, Any]:
     """Read a `serve deploy` config into what `serve.run` needs: the first application's builder args
     (with its `deployments:` section folded into the per-deployment option overrides), HTTP options,
@@ -657,6 +686,8 @@ def load_serve_config(
     args = dict(app.get("args") or {})
     if model:
         args["model"] = model
+    if operating_point:
+        args["operating_point"] = operating_point
     key = {"Detector": "detector_options", "Explainer": "explainer_options", "Ingress": "ingress_options"}
     for dep in app.get("deployments") or []:
         dep = dict(dep)
@@ -791,12 +822,13 @@ def run_local(
     host: str | None = None,
     address: str | None = None,
     http_path: str = "auto",
+    operating_point: str | None = None,
 ) -> None:
     """`deepfake serve`: deploy the config's application and block until Ctrl-C."""
     import ray
 
-    spec = load_serve_config(find_config(config), model=model, port=port, host=host)
-    resolve_model_dir(spec["args"].get("model"))  # a missing model is a clear error before Ray starts
+    spec = load_serve_config(find_config(config), model=model, port=port, host=host, operating_point=operating_point)
+    check_operating_point(spec["args"])  # a missing model or unknown operating point fails before Ray starts
     try:
         url = start_local(spec, address=address, http_path=http_path)
         logging.getLogger("deepfake").info("serving %s at %s/ (Ctrl-C to stop)", spec["args"].get("model"), url)

@@ -102,3 +102,26 @@ def train_small_model(out_dir: Path, epochs: int = 3, image_size: int = 32, seed
 def trained_model_dir(tmp_path_factory) -> Path:
     """Session-wide fine-tuned model folder for evaluate / predict / explain / serve tests."""
     return train_small_model(tmp_path_factory.mktemp("model") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def calibrated_model_dir(trained_model_dir, tmp_path_factory) -> Path:
+    """The session's model with its trust settings fitted on the shipped sample (temperature, operating
+    points, out-of-domain guard), as `deepfake calibrate` writes them."""
+    from deepfake.calibrate import calibrate
+
+    d = tmp_path_factory.mktemp("calibrated") / "tiny"
+    shutil.copytree(trained_model_dir, d)
+    calibrate(d, progress=False, device="cpu")
+    return d
+
+
+def real_photos(size: int | None = None) -> dict[str, Image.Image]:
+    """Real photographs that scikit-image ships in its package (300-512 px), optionally downscaled."""
+    from skimage import data
+
+    out = {}
+    for name in ("astronaut", "coffee", "chelsea", "rocket", "camera"):
+        img = Image.fromarray(getattr(data, name)()).convert("RGB")
+        out[name] = img.resize((size, size), Image.Resampling.BICUBIC) if size else img
+    return out

@@ -12,7 +12,7 @@ from PIL import Image
 from deepfake import checkpoint as ck
 from deepfake.cli import main
 from deepfake.data import SAMPLE_DIR, DataError, scan, split_samples
-from deepfake.evaluate import CONDITIONS, _Reader, evaluate, predict_prob_ai, update_card
+from deepfake.evaluate import CONDITIONS, _Reader, evaluate, score_refs, update_card
 from deepfake.images import decode_image
 from deepfake.inference import Predictor
 
@@ -104,7 +104,7 @@ def test_split_follows_the_models_own_settings(trained_model_dir, tmp_path):
 def test_ensemble_of_a_model_with_itself_is_the_model(trained_model_dir, tmp_path):
     single = evaluate(trained_model_dir, split="test", out_dir=tmp_path / "one", n_bootstrap=0)
     double = evaluate([trained_model_dir, trained_model_dir], split="test", out_dir=tmp_path / "two", n_bootstrap=0)
-    assert double["combine"] == "mean prob_ai" and len(double["models"]) == 2
+    assert double["combine"] == "mean calibrated prob_ai" and len(double["models"]) == 2
     a = pd.read_csv(tmp_path / "one" / "predictions.csv")
     b = pd.read_csv(tmp_path / "two" / "predictions.csv")
     assert a["filename"].tolist() == b["filename"].tolist()
@@ -129,8 +129,8 @@ def test_skipped_and_failing_files_are_counted(trained_model_dir, tmp_path):
     # a file that stops decoding after the scan is reported per file, not a crash of the batch
     predictor = Predictor.from_dir(trained_model_dir, device="cpu")
     good = str(next((data / "real").iterdir()))
-    probs, errors = predict_prob_ai(predictor, [good, "gone"], _Reader({"gone": b"junk"}), batch_size=2)
-    assert np.isfinite(probs[0]) and np.isnan(probs[1]) and errors[0] == "" and "BadImage" in errors[1]
+    sc = score_refs(predictor, [good, "gone"], _Reader({"gone": b"junk"}), batch_size=2)
+    assert np.isfinite(sc.prob[0]) and np.isnan(sc.prob[1]) and sc.errors[0] == "" and "BadImage" in sc.errors[1]
 
 
 def test_update_card_keeps_the_rest_of_the_folder(val_eval, trained_model_dir, tmp_path):

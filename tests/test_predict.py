@@ -115,7 +115,8 @@ def test_damaged_archive_ends_with_an_error_row(tmp_path):
 
 def test_finished_rows_drops_half_row_and_refuses_another_model(tmp_path):
     out = tmp_path / "p.csv"
-    out.write_text("filename,class,prob_ai,model,error\na.jpg,ai,0.9,m1,\nb.jpg,,,m1,truncated\nc.jp")
+    head = ",".join(COLUMNS)
+    out.write_text(f"{head}\na.jpg,ai,ai,0.9,0.95,,,,0.5,m1,\nb.jpg,,,,,,,,,m1,truncated\nc.jp")
     assert finished_rows(out, "m1") == {"a.jpg", "b.jpg"}
     assert out.read_text().endswith("truncated\n")
     with pytest.raises(DataError, match="m1"):

@@ -231,6 +231,9 @@ def test_predict_raw_body(app_url, sample_dir, trained_model_dir):
     local = Predictor.from_dir(trained_model_dir, device="cpu").predict_images([decode_image(path.read_bytes())])[0]
     assert res["label"] == local["label"] and res["model"] == local["model"]
     assert res["prob_ai"] == pytest.approx(local["prob_ai"], abs=1e-4)
+    # every answer says how far it can be trusted; this folder has no guard fitted
+    assert res["verdict"] == local["verdict"] and res["in_domain"] is None and res["domain_score"] is None
+    assert res["prob_ai_raw"] == pytest.approx(local["prob_ai_raw"], abs=1e-4) and res["operating_point"] == "0.5"
 
 
 @pytest.mark.slow

@@ -106,14 +106,14 @@ def browser(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def web_url(ray_local, trained_model_dir):
+def web_url(ray_local, calibrated_model_dir):
     from ray import serve
 
     from deepfake.serve import build_app
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(serve_args(trained_model_dir)), name="web", route_prefix="/", blocking=False)
+    serve.run(build_app(serve_args(calibrated_model_dir)), name="web", route_prefix="/", blocking=False)
     url = f"http://127.0.0.1:{port}"
     wait_healthy(url)
     yield url
@@ -152,6 +152,7 @@ def test_upload_shows_verdict_and_heatmap(browser, web_url, sample_dir):
         const $ = (id) => document.getElementById(id);
         return {
           label: $('verdict').dataset.label, verdict: $('verdict').textContent, prob: $('prob').textContent,
+          why: $('why').textContent, whyShown: getComputedStyle($('why')).display,
           probAi: parseFloat($('prob').dataset.probAi), shown: getComputedStyle($('result')).display,
           heatW: $('heatmap').naturalWidth, heatH: $('heatmap').naturalHeight, heatSrc: $('heatmap').src,
           origW: $('original').naturalWidth, meta: $('meta').textContent, status: $('status').textContent,
@@ -160,7 +161,9 @@ def test_upload_shows_verdict_and_heatmap(browser, web_url, sample_dir):
     )
     assert dom["shown"] == "block" and dom["status"] == ""
     assert dom["label"] == expected["label"]
-    assert dom["verdict"] == ("AI-generated" if expected["label"] == "ai" else "Real photograph")
+    titles = {"ai": "AI-generated", "real": "Real photograph", "uncertain": "No verdict"}
+    assert expected["in_domain"] is True and dom["verdict"] == titles[expected["verdict"]]
+    assert (dom["whyShown"] != "none") == (expected["verdict"] == "uncertain")
     assert dom["probAi"] == pytest.approx(expected["prob_ai"], abs=1e-6)
     assert f"{100 * expected['prob_ai']:.1f}%" in dom["prob"]
     assert (dom["heatW"], dom["heatH"]) == (32, 32) and dom["heatSrc"].startswith("blob:")
@@ -170,6 +173,37 @@ def test_upload_shows_verdict_and_heatmap(browser, web_url, sample_dir):
     ARTIFACTS.mkdir(exist_ok=True)
     (ARTIFACTS / "web.png").write_bytes(base64.b64decode(shot))
     assert (ARTIFACTS / "web.png").stat().st_size > 10_000
+
+
+def test_unfamiliar_photo_shows_no_verdict_and_why(browser, web_url, tmp_path):
+    from tests.conftest import real_photos
+
+    photo = tmp_path / "coffee.jpg"
+    real_photos()["coffee"].save(photo, quality=90)
+    expected = httpx.post(f"{web_url}/predict", content=photo.read_bytes(), timeout=60).json()["results"][0]
+    assert expected["verdict"] == "uncertain" and expected["in_domain"] is False
+    browser("Page.navigate", url=web_url + "/")
+    wait_for(browser, "document.readyState === 'complete' && !!document.getElementById('file')")
+    doc = browser("DOM.getDocument")
+    node = browser("DOM.querySelector", nodeId=doc["root"]["nodeId"], selector="#file")["nodeId"]
+    browser("DOM.setFileInputFiles", files=[str(photo)], nodeId=node)
+    assert (
+        wait_for(browser, "['done', 'error'].includes(document.body.dataset.state) && document.body.dataset.state")
+        == "done"
+    )
+    dom = browser.eval(
+        """(() => ({verdict: document.getElementById('verdict').textContent,
+            state: document.getElementById('verdict').dataset.verdict,
+            inDomain: document.getElementById('verdict').dataset.inDomain,
+            why: document.getElementById('why').textContent,
+            whyShown: getComputedStyle(document.getElementById('why')).display}))()"""
+    )
+    assert dom["verdict"] == "No verdict" and dom["state"] == "uncertain" and dom["inDomain"] == "false"
+    assert dom["whyShown"] == "block" and "unlike the images the model was trained on" in dom["why"]
+    assert "600x400" in dom["why"]  # says which check failed
+    shot = browser("Page.captureScreenshot", format="png")["data"]
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / "web_no_verdict.png").write_bytes(base64.b64decode(shot))
 
 
 def test_bad_file_shows_error(browser, web_url, tmp_path):
