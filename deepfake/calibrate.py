@@ -30,7 +30,7 @@ from deepfake.calibration import (
 )
 from deepfake.data import CLASSES, SAMPLE_DIR, DataError, scan, split_samples
 from deepfake.evaluate import RefOutputs, _Reader, data_settings, infer_refs
-from deepfake.guard import DEFAULT_TAPS, GUARD_FILE, DomainGuard, fit_guard
+from deepfake.guard import DEFAULT_TAPS, GUARD_FILE, MIN_PER_CLASS, DomainGuard, GuardError, fit_guard
 from deepfake.metrics import brier, expected_calibration_error
 
 log = logging.getLogger(__name__)
@@ -95,6 +95,12 @@ def calibrate(
         raise CalibrationError(f"{source}: the validation part has {len(val)} images of one class; need both")
     train = _subsample(parts[parts["split"] == "train"], fit_images)
     test = parts[parts["split"] == "test"]
+    counts = train["label"].value_counts()
+    if counts.min() < MIN_PER_CLASS or len(counts) < 2 or len(val) < 2 * MIN_PER_CLASS:
+        raise GuardError(  # checked before any inference: a small run learns this in a second
+            f"too few images to fit the guard's covariance: {counts.to_dict()} training images and {len(val)} "
+            f"validation images (need >= {MIN_PER_CLASS} per class and >= {2 * MIN_PER_CLASS} held out)"
+        )
     read = _Reader(catalog.blobs)
     fresh = {k: v for k, v in meta.items() if k != "trust"}  # the raw model: temperature 1, no guard
     predictor = Predictor(model, fresh, device=device, jit=True, taps=taps)

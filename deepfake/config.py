@@ -42,6 +42,7 @@ class DataConfig:
     hflip: bool = True  # the seed's augmentation: horizontal flip + rotation
     rotation: float = 10.0
     crop_padding: int = 0  # random shift: reflect-pad by N px and crop back (moves pixels, never resamples them)
+    degrade: float = 0.0  # share of training images degraded: down-up resampling, blur, JPEG or crop (one each)
     loader_workers: int = 0  # DataLoader processes per training worker; 0 decodes in the training process
 
 
@@ -82,6 +83,7 @@ class TrainConfig:
     out: str = "models/latest"  # where the best model and its card are exported
     max_failures: int = 2  # worker crashes survived by restarting from the last checkpoint
     num_to_keep: int = 2
+    calibrate: bool = True  # after export: fit temperature, operating points and the out-of-domain guard
     log_every: int = 20
     fail_at_epoch: int | None = None  # fault injection for tests: raise once, on the first attempt, at this epoch
 

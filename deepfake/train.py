@@ -200,6 +200,7 @@ def make_datasets(
             hflip=cfg.data.hflip,
             rotation=cfg.data.rotation,
             crop_padding=cfg.data.crop_padding,
+            degrade=cfg.data.degrade,
         )
         out[name] = ImageDataset(refs, labels, tf, store)
     return out
@@ -560,9 +561,27 @@ def fit(cfg: Config, address: str | None = None, export: bool = True, prepared: 
     }
     if export:
         out["model_dir"] = str(export_best(cfg, best, best_metrics, history, rep, seconds, hardware, pretrained))
+        if cfg.train.calibrate and not interrupted:
+            out["trust"] = calibrate_exported(out["model_dir"], cfg.train.use_gpu)
     if interrupted:
         raise Interrupted(out)
     return out
+
+
+def calibrate_exported(model_dir: str, use_gpu: str = "auto") -> dict[str, Any] | None:
+    """Fit the new folder's calibration and out-of-domain guard on the run's own data (deepfake.calibrate);
+    data too small for it leaves the folder unfitted, with a warning: its answers say in_domain: null."""
+    from deepfake.calibrate import calibrate
+    from deepfake.calibration import CalibrationError
+    from deepfake.guard import GuardError
+
+    try:
+        return calibrate(model_dir, device={"true": "cuda", "false": "cpu"}.get(str(use_gpu).lower(), "auto"))
+    except (CalibrationError, GuardError) as e:
+        log.warning(
+            "%s is not calibrated (%s); answers will say in_domain: null. Run deepfake calibrate later.", model_dir, e
+        )
+        return None
 
 
 def _fit_ray(cfg: Config, name: str, storage: str, loop_config: dict[str, Any]):

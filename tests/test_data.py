@@ -219,3 +219,29 @@ def test_random_shift_moves_pixels_without_resampling_them():
         assert set(np.unique((o * 255).round().to(torch.uint8).numpy()).tolist()) <= values
     plain = build_transform(32, (0, 0, 0), (1, 1, 1), train=False, crop_padding=4)
     assert torch.equal(plain(img), plain(img))  # evaluation never shifts
+
+
+def test_degradations_lower_detail_and_keep_the_size():
+    """The robustness augmentation: each kind changes the image, keeps its size, and eval never applies it."""
+    import random
+
+    import torch
+
+    from deepfake.transforms import RandomCropBack, RandomDownUp, build_transform, degradations
+
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    arr = np.asarray(img, dtype=np.float64)
+
+    def detail(a: np.ndarray) -> float:  # high-frequency energy: mean absolute difference of neighbours
+        return float(np.abs(np.diff(a, axis=1)).mean())
+
+    random.seed(0)
+    for kind in (RandomDownUp((0.5, 0.5)), RandomCropBack((0.6, 0.6))):
+        out = kind(img)
+        assert out.size == img.size and detail(np.asarray(out, dtype=np.float64)) < 0.8 * detail(arr)
+    outs = [degradations(1.0)(img) for _ in range(40)]
+    assert all(o.size == img.size for o in outs)
+    assert all(not np.array_equal(np.asarray(o), np.asarray(img)) for o in outs)
+    tf = build_transform(64, (0, 0, 0), (1, 1, 1), train=False, degrade=1.0)
+    assert torch.equal(tf(img), tf(img))  # evaluation never degrades
