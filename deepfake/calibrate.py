@@ -11,6 +11,7 @@ Everything lands in the folder: `guard.safetensors` and the metadata's "trust" k
 
 from __future__ import annotations
 
+import io
 import logging
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,7 +31,7 @@ from deepfake.calibration import (
 )
 from deepfake.data import CLASSES, SAMPLE_DIR, DataError, scan, split_samples
 from deepfake.evaluate import RefOutputs, _Reader, data_settings, infer_refs
-from deepfake.guard import DEFAULT_TAPS, GUARD_FILE, MIN_PER_CLASS, DomainGuard, GuardError, fit_guard
+from deepfake.guard import DEFAULT_TAPS, GUARD_FILE, MIN_PER_CLASS, N_LOWLEVEL, DomainGuard, GuardError, fit_guard
 from deepfake.metrics import brier, expected_calibration_error
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,22 @@ def _subsample(df, n: int | None, seed: int = 0):
         return df
     frac = n / len(df)
     return df.groupby("label", group_keys=False).sample(frac=frac, random_state=seed).sort_values("ref")
+
+
+def envelope_size(df, read: _Reader, sample: int = 200) -> int:
+    """The side of the low-level statistics' view: the median short side of (a sample of) the training images,
+    rounded down to a multiple of 8 (JPEG's block), at least 8 and at most 256."""
+    from PIL import Image
+
+    refs = df["ref"].tolist()[:: max(1, len(df) // sample)][:sample]
+    sides = []
+    for r in refs:
+        try:
+            sides.append(min(Image.open(io.BytesIO(read(r))).size))
+        except Exception:  # noqa: BLE001 - an unreadable file is skipped here as everywhere
+            continue
+    side = int(np.median(sides)) if sides else 32
+    return int(min(256, max(8, side // 8 * 8)))
 
 
 def _labels_idx(labels: list[str]) -> np.ndarray:
@@ -103,7 +120,8 @@ def calibrate(
         )
     read = _Reader(catalog.blobs)
     fresh = {k: v for k, v in meta.items() if k != "trust"}  # the raw model: temperature 1, no guard
-    predictor = Predictor(model, fresh, device=device, jit=True, taps=taps)
+    low_size = envelope_size(train, read)
+    predictor = Predictor(model, fresh, device=device, jit=True, taps=taps, lowlevel_size=low_size)
 
     def run(df, what):
         out = infer_refs(predictor, df["ref"].tolist(), read, batch_size=batch_size, progress=progress, desc=what)
@@ -119,9 +137,16 @@ def calibrate(
     ops = operating_points(yb, p_val, fprs)
 
     f_out, f_labels = run(train, "training images (guard)")
-    group_sizes = predictor.net.group_sizes()
+    group_sizes = predictor.net.group_sizes() + [N_LOWLEVEL]
     guard = fit_guard(
-        f_out.feats, _labels_idx(f_labels), v_out.feats, f_out.sizes + v_out.sizes, taps, group_sizes, quantile
+        f_out.feats,
+        _labels_idx(f_labels),
+        v_out.feats,
+        f_out.sizes + v_out.sizes,
+        taps,
+        group_sizes,
+        low_size,
+        quantile,
     )
 
     trust: dict[str, Any] = {
@@ -172,6 +197,17 @@ def calibrate(
     ck.write_metadata(d, meta)
     log.info("calibrated %s: T=%.3f, guard threshold %.3f, %s", d, t, guard.threshold, measured)
     return {"model": str(d), **trust}
+
+
+def ood_parts(samples) -> dict[str, list[str]]:
+    """Out-of-domain examples split in two halves by content hash (per label, so both kinds of image are in
+    each half): "fit" for outlier exposure, "measure" never seen by the guard, and "all"."""
+    parts = split_samples(samples, val_ratio=0.5, test_ratio=0.0, seed=0)
+    return {
+        "fit": parts[parts["split"] == "train"]["ref"].tolist(),
+        "measure": parts[parts["split"] == "val"]["ref"].tolist(),
+        "all": parts["ref"].tolist(),
+    }
 
 
 def remove(model_dir: str | Path) -> None:

@@ -290,6 +290,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         address=args.address,
         operating_point=args.operating_point,
+        c2pa_trust=args.c2pa_trust,
     )
     print(json.dumps(summary, indent=2, default=str))
     return 0
@@ -300,15 +301,19 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from deepfake.explain import explain_images, write_explanations
     from deepfake.images import BadImage, decode_image
     from deepfake.inference import Predictor
+    from deepfake.provenance import load_trust, read_provenance
 
     predictor = Predictor.from_dir(
         _model_dirs([args.model] if args.model else None)[0], device=args.device, operating_point=args.operating_point
     )
-    images, names, failed = [], [], []
+    trust = load_trust(args.c2pa_trust)
+    images, names, failed, provenance = [], [], [], []
     for path in args.images:
         try:
-            images.append(decode_image(Path(path).read_bytes()))
+            data = Path(path).read_bytes()
+            images.append(decode_image(data))
             names.append(path)
+            provenance.append(read_provenance(data, trust))
         except BadImage as e:
             failed.append({"path": path, "reason": e.reason})
         except OSError as e:
@@ -319,6 +324,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
         raise DataError(f"none of the {len(args.images)} images could be read")
     expls = explain_images(predictor, images, target=args.target, batch_size=args.batch_size)
     result = write_explanations(expls, names, args.output)
+    for row, prov in zip(result["images"], provenance):
+        row["provenance"] = prov  # beside the verdict, never merged into it
     print(json.dumps({**result, "failed": failed}, indent=2))
     return 0
 
@@ -344,6 +351,25 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     )
     print(json.dumps(result, indent=2, default=str))
     return 0
+
+
+def cmd_provenance(args: argparse.Namespace) -> int:
+    """One JSON line per file: its provenance record (C2PA, generator metadata), without the model."""
+    from deepfake.images import IMAGE_SUFFIXES
+    from deepfake.provenance import load_trust, read_provenance
+
+    trust = load_trust(args.c2pa_trust)
+    rc = 0
+    for arg in args.paths:
+        p = Path(arg)
+        files = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES) if p.is_dir() else [p]
+        for f in files:
+            try:
+                record = read_provenance(f.read_bytes(), trust)
+            except OSError as e:
+                record, rc = {"error": f"unreadable: {e.strerror or e}"}, 2
+            print(json.dumps({"path": str(f), **record}, ensure_ascii=False), flush=True)
+    return rc
 
 
 def cmd_card(args: argparse.Namespace) -> int:
@@ -374,6 +400,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         address=args.address,
         http_path=args.http_path,
         operating_point=args.operating_point,
+        c2pa_trust=args.c2pa_trust,
     )
     return 0
 
@@ -487,6 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pr.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or an embedded local Ray)")
     pr.add_argument("--operating-point", "--threshold", dest="operating_point", help=OP_HELP)
+    pr.add_argument("--c2pa-trust", metavar="PEM", help="trusted root certificates for C2PA signers")
     pr.set_defaults(func=cmd_predict)
 
     ex = sub.add_parser("explain", help="Grad-CAM heatmaps: overlay PNG + .npy per image, and a contact sheet")
@@ -497,6 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--batch-size", type=int, default=16, help="images per Grad-CAM forward/backward")
     ex.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     ex.add_argument("--operating-point", "--threshold", dest="operating_point", help=OP_HELP)
+    ex.add_argument("--c2pa-trust", metavar="PEM", help="trusted root certificates for C2PA signers")
     ex.set_defaults(func=cmd_explain)
 
     ca = sub.add_parser(
@@ -512,6 +541,11 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--remove", action="store_true", help="drop the folder's calibration and guard instead")
     ca.set_defaults(func=cmd_calibrate)
 
+    pv = sub.add_parser("provenance", help="C2PA manifests and generator metadata per file, as JSON lines")
+    pv.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders (recursively)")
+    pv.add_argument("--c2pa-trust", metavar="PEM", help="trusted root certificates for C2PA signers")
+    pv.set_defaults(func=cmd_provenance)
+
     cd = sub.add_parser("card", help="regenerate a model folder's card (README.md) from its metadata")
     cd.add_argument("model", nargs="?", metavar="DIR", help="model folder (default: the shipped models/cifake-b0)")
     cd.add_argument("--limitations", help="text (or @FILE) for the card's Limitations section")
@@ -524,6 +558,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", help="HTTP host (default 127.0.0.1; 0.0.0.0 for other machines)")
     sv.add_argument("--address", help="Ray cluster address (default: an embedded local Ray)")
     sv.add_argument("--operating-point", "--threshold", dest="operating_point", help=OP_HELP)
+    sv.add_argument("--c2pa-trust", metavar="PEM", help="trusted root certificates for C2PA signers")
     sv.add_argument(
         "--http-path",
         choices=("auto", "haproxy", "proxy"),
@@ -548,6 +583,7 @@ def main(argv: list[str] | None = None) -> int:
     from deepfake.guard import GuardError
     from deepfake.images import BadImage
     from deepfake.model import ModelError
+    from deepfake.provenance import ProvenanceError
 
     try:
         return int(args.func(args) or 0)
@@ -560,6 +596,7 @@ def main(argv: list[str] | None = None) -> int:
         FileNotFoundError,
         CalibrationError,
         GuardError,
+        ProvenanceError,
     ) as e:
         log.error("%s", e)
         return 2

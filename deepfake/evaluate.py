@@ -34,7 +34,9 @@ from deepfake import checkpoint as ck
 from deepfake.calibration import coverage_table, operating_points
 from deepfake.config import DataConfig
 from deepfake.data import SAMPLE_DIR, DataError, read_ref, scan, split_samples
+from deepfake.guard import N_LOWLEVEL, lowlevel_images
 from deepfake.images import BadImage, decode_image
+from deepfake.inference import join_features
 from deepfake.metrics import (
     brier,
     compute_metrics,
@@ -124,21 +126,33 @@ class _EvalImages(Dataset):
     """(tensor, index, original width, height, error) per ref; a file that no longer decodes gives an error
     text instead of killing the batch."""
 
-    def __init__(self, refs: list[str], read: _Reader, transform: Callable, size: int, condition: str = "clean"):
+    def __init__(
+        self,
+        refs: list[str],
+        read: _Reader,
+        transform: Callable,
+        size: int,
+        condition: str = "clean",
+        lowlevel_size: int | None = None,
+    ):
         self.refs, self.read, self.transform, self.size, self.condition = refs, read, transform, size, condition
+        self.lowlevel_size = lowlevel_size
 
     def __len__(self) -> int:
         return len(self.refs)
 
     def __getitem__(self, i: int):
+        n_low = N_LOWLEVEL if self.lowlevel_size else 0
         try:
             img = decode_image(self.read(self.refs[i]))
             perturb = CONDITIONS[self.condition]
             if perturb is not None:
                 img = perturb(img)
-            return self.transform(img), i, img.width, img.height, ""
+            low = lowlevel_images([img], self.lowlevel_size)[0] if n_low else np.zeros(0, np.float32)
+            return self.transform(img), i, img.width, img.height, low, ""
         except (BadImage, OSError, KeyError) as e:
-            return torch.zeros(3, self.size, self.size), i, 0, 0, f"{type(e).__name__}: {e}"[:200]
+            err = f"{type(e).__name__}: {e}"[:200]
+            return torch.zeros(3, self.size, self.size), i, 0, 0, np.zeros(n_low, np.float32), err
 
 
 @dataclass
@@ -167,16 +181,17 @@ def infer_refs(
     desc: str | None = None,
 ) -> RefOutputs:
     """One batched pass of `predictor` over `refs` (decoded, perturbed by `condition`, transformed)."""
-    ds = _EvalImages(refs, read, predictor.transform, predictor.image_size, condition)
+    ds = _EvalImages(refs, read, predictor.transform, predictor.image_size, condition, predictor.lowlevel_size)
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     logits = np.full((len(refs), len(predictor.classes)), np.nan, dtype=np.float32)
     feats = None
     sizes = [(0, 0)] * len(refs)
     errors = [""] * len(refs)
     with tqdm(total=len(refs), unit="img", desc=desc or condition, disable=not progress, mininterval=2) as bar:
-        for x, idx, w, h, errs in loader:
+        for x, idx, w, h, low, errs in loader:
             idx = idx.numpy()
             lg, ft = predictor.forward_batch(predictor.place(x))
+            ft = join_features(ft, low.numpy() if low.shape[1] else None)
             if ft is not None and feats is None:
                 feats = np.full((len(refs), ft.shape[1]), np.nan, dtype=np.float32)
             for j, (i, err) in enumerate(zip(idx, errs)):

@@ -15,7 +15,7 @@ from torch import nn
 
 from deepfake.calibration import DEFAULT_BAND, parse_operating_point, softmax, verdict
 from deepfake.checkpoint import load_model
-from deepfake.guard import DomainGuard, TappedNet
+from deepfake.guard import DomainGuard, TappedNet, lowlevel_images
 from deepfake.model import autocast, input_to_device, pick_device, to_device
 from deepfake.transforms import build_transform
 
@@ -37,6 +37,7 @@ class Predictor:
         operating_point: str | float | None = None,
         guard: DomainGuard | None = None,
         taps: Sequence[int] | None = None,
+        lowlevel_size: int | None = None,
     ):
         self.device = pick_device(device) if str(device) in ("auto", "true", "false") else torch.device(device)
         self.meta = meta
@@ -62,6 +63,8 @@ class Predictor:
         self.guard = guard
         # features of these blocks come with the logits: the guard's, or `taps` to fit a new guard (calibrate)
         self.taps = tuple(guard.taps if guard is not None else (taps or ()))
+        # side of the image view the guard's low-level statistics read (None: no such statistics)
+        self.lowlevel_size = guard.lowlevel_size if guard is not None else lowlevel_size
         # self.net gives (logits, features); self.model stays the eager classifier (Grad-CAM hooks it)
         self.net: nn.Module = TappedNet(self.model, self.taps) if self.taps else _LogitsOnly(self.model)
         self.forward: nn.Module = self.net
@@ -94,14 +97,23 @@ class Predictor:
         logits, _ = self.forward_batch(x)
         return torch.from_numpy(softmax(logits, self.temperature).astype(np.float32))
 
-    def score_batch(self, x: torch.Tensor, sizes: Sequence[tuple[int, int]] | None = None) -> BatchScores:
-        """Everything a verdict needs for a transformed batch; `sizes` are the original (width, height)."""
-        return self.scores(*self.forward_batch(x), sizes)
+    def lowlevel(self, images: Sequence[Image.Image]) -> np.ndarray | None:
+        """The guard's low-level statistics of each image, or None when it reads none."""
+        return lowlevel_images(images, self.lowlevel_size) if self.lowlevel_size else None
+
+    def score_batch(
+        self, x: torch.Tensor, sizes: Sequence[tuple[int, int]] | None = None, low: np.ndarray | None = None
+    ) -> BatchScores:
+        """Everything a verdict needs for a transformed batch; `sizes` are the original (width, height) and
+        `low` the images' low-level statistics (`lowlevel`)."""
+        logits, feats = self.forward_batch(x)
+        return self.scores(logits, join_features(feats, low), sizes)
 
     def scores(
         self, logits: np.ndarray, feats: np.ndarray | None, sizes: Sequence[tuple[int, int]] | None
     ) -> BatchScores:
-        """Calibrated and raw P(ai), and the guard's answer, from a forward pass's outputs."""
+        """Calibrated and raw P(ai), and the guard's answer, from a forward pass's outputs (`feats`: the
+        tapped features joined with the low-level statistics)."""
         probs = softmax(logits, self.temperature)[:, self.ai_index]
         raw = softmax(logits)[:, self.ai_index]
         if self.guard is None:
@@ -111,7 +123,7 @@ class Predictor:
         return BatchScores(probs, raw, [bool(v) for v in in_domain], [float(v) for v in score], reasons)
 
     def predict_images(self, images: Sequence[Image.Image]) -> list[dict[str, Any]]:
-        scores = self.score_batch(self.preprocess(images), [img.size for img in images])
+        scores = self.score_batch(self.preprocess(images), [img.size for img in images], self.lowlevel(images))
         return self.answers(scores)
 
     def answers(self, s: BatchScores) -> list[dict[str, Any]]:
@@ -169,7 +181,7 @@ def score_images(predictors: Sequence[Predictor], images: Sequence[Image.Image])
     """One model's scores, or an ensemble's: the mean of the members' calibrated (and raw) P(ai); in domain
     only where every member says so (None if any member has no guard); the largest domain score."""
     sizes = [img.size for img in images]
-    per = [p.score_batch(p.preprocess(images), sizes) for p in predictors]
+    per = [p.score_batch(p.preprocess(images), sizes, p.lowlevel(images)) for p in predictors]
     if len(per) == 1:
         return per[0]
     doms = list(zip(*(s.in_domain for s in per)))
@@ -182,6 +194,12 @@ def score_images(predictors: Sequence[Predictor], images: Sequence[Image.Image])
         [None if None in sc else max(sc) for sc in scores],
         ["; ".join(dict.fromkeys(r for r in rs if r)) for rs in reasons],
     )
+
+
+def join_features(feats: np.ndarray | None, low: np.ndarray | None) -> np.ndarray | None:
+    if feats is None or low is None:
+        return feats if low is None else low
+    return np.hstack([feats, low])
 
 
 def load_guard(model_dir: str | Path, meta: dict[str, Any]) -> DomainGuard | None:

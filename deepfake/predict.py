@@ -31,6 +31,7 @@ from deepfake.checkpoint import CheckpointError, read_metadata
 from deepfake.data import DataError, is_archive
 from deepfake.images import IMAGE_SUFFIXES, BadImage, decode_image
 from deepfake.inference import Predictor, model_version, score_images
+from deepfake.provenance import load_trust, read_provenance
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,8 @@ COLUMNS = [
     "domain_score",
     "reason",
     "operating_point",
+    "provenance",
+    "provenance_reason",
     "model",
     "error",
 ]
@@ -68,10 +71,15 @@ def ensemble_version(predictors: Sequence[Predictor] | Sequence[str]) -> str:
 
 
 def predict_rows(
-    predictors: Sequence[Predictor], filenames: Sequence[str], datas: Sequence[bytes | None], errors: Sequence[str]
+    predictors: Sequence[Predictor],
+    filenames: Sequence[str],
+    datas: Sequence[bytes | None],
+    errors: Sequence[str],
+    c2pa_trust: str | None = None,
 ) -> dict[str, np.ndarray]:
     """Decode + predict one batch; an input that arrives with an error or does not decode becomes an error row.
-    Several predictors are an ensemble (`score_images`); its verdict uses the first model's operating point."""
+    Several predictors are an ensemble (`score_images`); its verdict uses the first model's operating point.
+    Each row also carries the file's provenance (C2PA, generator metadata), read from its original bytes."""
     version = ensemble_version(predictors)
     n = len(filenames)
     rows: list[dict[str, Any]] = [
@@ -87,6 +95,9 @@ def predict_rows(
             index.append(i)
         except BadImage as e:
             rows[i]["error"] = e.reason
+            continue
+        prov = read_provenance(data or b"", c2pa_trust)
+        rows[i].update({"provenance": prov["provenance"], "provenance_reason": prov["reason"]})
     if images:
         for i, answer in zip(index, predictors[0].answers(score_images(predictors, images))):
             rows[i].update(answer)
@@ -120,15 +131,24 @@ def check_compatible(metas: Sequence[dict], model_dirs: Sequence[str | Path]) ->
 class BatchPredictor:
     """The map_batches actor: loads the model(s) once, then decodes + predicts batches of bytes."""
 
-    def __init__(self, model_dirs: list[str], threads: int | None = None, operating_point: str | None = None):
+    def __init__(
+        self,
+        model_dirs: list[str],
+        threads: int | None = None,
+        operating_point: str | None = None,
+        c2pa_trust: str | None = None,
+    ):
         if threads:
             import torch
 
             torch.set_num_threads(threads)
         self.predictors = load_predictors(model_dirs, operating_point=operating_point)
+        self.c2pa_trust = c2pa_trust
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return predict_rows(self.predictors, list(batch["filename"]), list(batch["data"]), list(batch["error"]))
+        return predict_rows(
+            self.predictors, list(batch["filename"]), list(batch["data"]), list(batch["error"]), self.c2pa_trust
+        )
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -325,6 +345,7 @@ def predict(
     address: str | None = None,
     progress: bool = True,
     operating_point: str | float | None = None,
+    c2pa_trust: str | Path | None = None,
 ) -> dict[str, Any]:
     """Predict every image under `path` into `out_csv` (resuming it unless `overwrite`); returns a summary.
     `operating_point`: a threshold, "fpr=F" or "eer" from the (first) model's calibration; default 0.5."""
@@ -339,6 +360,7 @@ def predict(
     metas = [read_metadata(d) for d in dirs]  # fail fast, before Ray starts
     check_compatible(metas, dirs)
     parse_operating_point(operating_point, (metas[0].get("trust") or {}).get("operating_points"))
+    trust_pem = load_trust(c2pa_trust)
     version = ensemble_version([model_version(m) for m in metas])
     src = Path(path).expanduser()
     if not src.exists():
@@ -383,7 +405,12 @@ def predict(
         _datasource(pairs, archive, done, min(ROWS_PER_BLOCK, max(batch_size, 32))), num_cpus=read_cpus
     ).map_batches(
         BatchPredictor,
-        fn_constructor_kwargs={"model_dirs": dirs, "threads": res["threads"], "operating_point": operating_point},
+        fn_constructor_kwargs={
+            "model_dirs": dirs,
+            "threads": res["threads"],
+            "operating_point": operating_point,
+            "c2pa_trust": trust_pem,
+        },
         batch_size=batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=res["concurrency"]),

@@ -35,8 +35,9 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 
-from deepfake.config import REPO_ROOT
+from deepfake.config import REPO_ROOT, locate
 from deepfake.images import MAX_PIXELS, BadImage, decode_image
+from deepfake.provenance import load_trust, read_provenance
 
 log = logging.getLogger("ray.serve")
 
@@ -80,6 +81,8 @@ class ServeArgs(BaseModel):
     )
     explain: bool = Field(True, description="False: no Explainer replicas; /explain answers 501")
     retries: int = Field(2, ge=0, description="re-sends of a call whose replica died mid-request")
+    provenance: bool = Field(True, description="report C2PA / generator metadata beside each verdict")
+    c2pa_trust: str | None = Field(None, description="PEM file of trusted C2PA signer roots (none: none trusted)")
     # Deployment option overrides (tests, scripts); serve_config.yaml uses its `deployments:` section instead.
     detector_options: dict[str, Any] = {}
     explainer_options: dict[str, Any] = {}
@@ -371,6 +374,8 @@ class Ingress:
         self.max_pixels = int(settings["max_pixels"])
         self.max_files = int(settings["max_files"])
         self.retries = int(settings["retries"])
+        self.provenance = bool(settings.get("provenance", True))
+        self.c2pa_trust = load_trust(settings.get("c2pa_trust"))
         self.page = resources.files("deepfake").joinpath("static/index.html").read_bytes()
         self.statuses: Counter[int] = Counter()
         self.retried = 0
@@ -443,17 +448,18 @@ class Ingress:
         t0 = time.perf_counter()
         files = await self._read_images(request)
 
-        async def one(name: str, img: Image.Image) -> dict[str, Any]:
+        async def one(name: str, img: Image.Image, prov: dict[str, Any] | None) -> dict[str, Any]:
             v = await self._call(self.detector.predict, img)
             return {
                 "filename": name,
                 **v,
+                "provenance": prov,
                 "width": img.width,
                 "height": img.height,
                 "latency_ms": round((time.perf_counter() - t0) * 1000, 2),
             }
 
-        results = await asyncio.gather(*(one(n, img) for n, img in files))
+        results = await asyncio.gather(*(one(n, img, prov) for n, img, prov in files))
         return JSONResponse({"results": results})
 
     async def _explain(self, request: Request) -> Response:
@@ -467,7 +473,7 @@ class Ingress:
         files = await self._read_images(request)
         if not as_json and len(files) > 1:
             raise HTTPError(400, "one_image_for_png", "a PNG answer holds one image; use ?format=json for several")
-        outs = await asyncio.gather(*(self._call(self.explainer.explain, (img, target)) for _, img in files))
+        outs = await asyncio.gather(*(self._call(self.explainer.explain, (img, target)) for _, img, _ in files))
         ms = round((time.perf_counter() - t0) * 1000, 2)
         if not as_json:
             o = outs[0]
@@ -479,14 +485,21 @@ class Ingress:
                 "X-Target": o["target"],
                 "X-Model": o["model"],
                 "X-Filename": files[0][0].encode("ascii", "replace").decode(),
+                "X-Provenance": (files[0][2] or {}).get("provenance", "unknown"),
                 "X-Latency-Ms": str(ms),
             }
             return Response(o["overlay_png"], media_type="image/png", headers=headers)
         results = []
-        for (name, _), o in zip(files, outs):
+        for (name, _, prov), o in zip(files, outs):
             png = o.pop("overlay_png")
             results.append(
-                {"filename": name, **o, "overlay_png_base64": base64.b64encode(png).decode(), "latency_ms": ms}
+                {
+                    "filename": name,
+                    **o,
+                    "provenance": prov,
+                    "overlay_png_base64": base64.b64encode(png).decode(),
+                    "latency_ms": ms,
+                }
             )
         return JSONResponse({"results": results})
 
@@ -516,8 +529,9 @@ class Ingress:
                 raise HTTPError(413, "body_too_large", f"more than {self.max_body} bytes", limit=self.max_body)
         return bytes(body)
 
-    async def _read_images(self, request: Request) -> list[tuple[str, Image.Image]]:
-        """Raw body (one image) or multipart (every file field), each decoded safely, or an HTTPError."""
+    async def _read_images(self, request: Request) -> list[tuple[str, Image.Image, dict[str, Any] | None]]:
+        """Raw body (one image) or multipart (every file field), each decoded safely, or an HTTPError; with
+        each file's provenance record, read from its original bytes (None when provenance is off)."""
         body = await self._read_body(request)
         ctype = request.headers.get("content-type", "").lower()
         if ctype.startswith("multipart/form-data"):
@@ -525,11 +539,13 @@ class Ingress:
         else:
             uploads = [(request.query_params.get("filename") or "upload", body)]
 
-        def decode_all() -> list[tuple[str, Image.Image]]:
+        def decode_all() -> list[tuple[str, Image.Image, dict[str, Any] | None]]:
             out, bad = [], []
             for name, data in uploads:
                 try:
-                    out.append((name, decode_image(data, max_pixels=self.max_pixels)))
+                    img = decode_image(data, max_pixels=self.max_pixels)
+                    prov = read_provenance(data, self.c2pa_trust) if self.provenance else None
+                    out.append((name, img, prov))
                 except BadImage as e:
                     bad.append({"filename": name, "reason": e.reason, "detail": e.detail[:200]})
             if bad:
@@ -612,7 +628,11 @@ def build_app(args: ServeArgs | dict[str, Any] | None = None) -> serve.Applicati
             }
         ).bind(model_dir, a.device, a.explain_batch_size, a.warmup, a.operating_point)
     )
-    settings = a.model_dump(include={"max_body_bytes", "max_pixels", "max_files", "retries"})
+    settings = a.model_dump(
+        include={"max_body_bytes", "max_pixels", "max_files", "retries", "provenance", "c2pa_trust"}
+    )
+    if a.c2pa_trust:
+        settings["c2pa_trust"] = str(locate(a.c2pa_trust))  # replicas run elsewhere: an absolute path
     # A changed model path restarts every deployment. Serve's default rollout stops the old replica before
     # its replacement has loaded the model (20 s on a busy 2-CPU machine), and the old Ingress, drained with
     # requests still waiting on the gone Detector, was killed after 20 s: a 500. With surge, old replicas
@@ -638,6 +658,10 @@ def check_operating_point(args: dict[str, Any]) -> str:
     from deepfake.config import ConfigError
 
     model_dir = str(resolve_model_dir(args.get("model")))
+    try:
+        load_trust(locate(args["c2pa_trust"]) if args.get("c2pa_trust") else None)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     try:
         parse_operating_point(
             args.get("operating_point"), (read_metadata(model_dir).get("trust") or {}).get("operating_points")
@@ -823,11 +847,14 @@ def run_local(
     address: str | None = None,
     http_path: str = "auto",
     operating_point: str | None = None,
+    c2pa_trust: str | None = None,
 ) -> None:
     """`deepfake serve`: deploy the config's application and block until Ctrl-C."""
     import ray
 
     spec = load_serve_config(find_config(config), model=model, port=port, host=host, operating_point=operating_point)
+    if c2pa_trust:
+        spec["args"]["c2pa_trust"] = str(Path(c2pa_trust).resolve())
     check_operating_point(spec["args"])  # a missing model or unknown operating point fails before Ray starts
     try:
         url = start_local(spec, address=address, http_path=http_path)

@@ -115,8 +115,12 @@ def test_damaged_archive_ends_with_an_error_row(tmp_path):
 
 def test_finished_rows_drops_half_row_and_refuses_another_model(tmp_path):
     out = tmp_path / "p.csv"
-    head = ",".join(COLUMNS)
-    out.write_text(f"{head}\na.jpg,ai,ai,0.9,0.95,,,,0.5,m1,\nb.jpg,,,,,,,,,m1,truncated\nc.jp")
+
+    def row(**cells) -> str:
+        return ",".join(cells.get(c, "") for c in COLUMNS)
+
+    good = row(filename="a.jpg", **{"class": "ai"}, verdict="ai", prob_ai="0.9", model="m1")
+    out.write_text(f"{','.join(COLUMNS)}\n{good}\n{row(filename='b.jpg', model='m1', error='truncated')}\nc.jp")
     assert finished_rows(out, "m1") == {"a.jpg", "b.jpg"}
     assert out.read_text().endswith("truncated\n")
     with pytest.raises(DataError, match="m1"):

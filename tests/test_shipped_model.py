@@ -108,3 +108,26 @@ def test_confident_and_correct_on_held_out_sample_images(predictor, label):
         assert o["label"] == label, (name, o)
         confidence = o["prob_ai"] if label == "ai" else 1 - o["prob_ai"]
         assert confidence >= 0.8, (name, o)
+        assert o["verdict"] == label and o["in_domain"] is True, (name, o)  # in domain: a verdict, with trust
+
+
+@pytest.mark.parametrize("size", [None, 32], ids=["as-given", "32px"])
+def test_shipped_guard_flags_real_photos_as_given_and_downscaled(predictor, size):
+    """The photos scikit-image ships are nothing like CIFAKE: no verdict for any of them, even at 32x32, where
+    a size check passes them and the raw model is confidently wrong on many."""
+    from tests.conftest import real_photos
+
+    out = predictor.predict_images(list(real_photos(size).values()))
+    assert [o["in_domain"] for o in out] == [False] * len(out), out
+    assert all(o["verdict"] == "uncertain" for o in out)
+
+
+@pytest.mark.parametrize("folder", [MODEL, FAST_MODEL], ids=["cifake-b0", "cifake-b0-cpu"])
+def test_shipped_card_states_the_trust_settings(folder):
+    meta = ck.read_metadata(folder)
+    trust = meta["trust"]
+    assert set(trust["operating_points"]) == {"fpr=0.01", "fpr=0.05", "eer"}
+    assert trust["calibration"]["val after"]["ece"] <= 0.015
+    card = (folder / ck.CARD).read_text()
+    assert card == ck.render_card(meta)
+    assert f"temperature: {trust['temperature']:.4f}" in card and "Out-of-domain guard" in card

@@ -206,6 +206,40 @@ def test_unfamiliar_photo_shows_no_verdict_and_why(browser, web_url, tmp_path):
     (ARTIFACTS / "web_no_verdict.png").write_bytes(base64.b64decode(shot))
 
 
+def test_signed_image_shows_provenance_beside_the_verdict(browser, web_url, tmp_path):
+    """A C2PA-signed JPEG declaring trainedAlgorithmicMedia: the API reports the manifest, and the page shows
+    the provenance line apart from the pixel verdict."""
+    import io
+
+    from tests.conftest import real_photos
+    from tests.test_provenance import sign, test_ca
+
+    _, chain, key = test_ca()
+    buf = io.BytesIO()
+    real_photos()["chelsea"].save(buf, format="JPEG", quality=90)
+    signed = tmp_path / "signed.jpg"
+    signed.write_bytes(sign(buf.getvalue(), "image/jpeg", chain, key))
+    res = httpx.post(f"{web_url}/predict", content=signed.read_bytes(), timeout=60).json()["results"][0]
+    prov = res["provenance"]
+    assert prov["provenance"] == "declared_ai" and prov["c2pa"]["validation_state"] == "Valid"
+    assert prov["c2pa"]["digital_source_types"] == ["trainedAlgorithmicMedia"] and res["verdict"] == "uncertain"
+    plain = httpx.post(f"{web_url}/predict", content=buf.getvalue(), timeout=60).json()["results"][0]
+    assert plain["provenance"]["provenance"] == "none" and plain["prob_ai"] == pytest.approx(res["prob_ai"], abs=0.05)
+
+    browser("Page.navigate", url=web_url + "/")
+    wait_for(browser, "document.readyState === 'complete' && !!document.getElementById('file')")
+    doc = browser("DOM.getDocument")
+    node = browser("DOM.querySelector", nodeId=doc["root"]["nodeId"], selector="#file")["nodeId"]
+    browser("DOM.setFileInputFiles", files=[str(signed)], nodeId=node)
+    state = "['done', 'error'].includes(document.body.dataset.state) && document.body.dataset.state"
+    assert wait_for(browser, state) == "done"
+    line = browser.eval("document.getElementById('provenance').textContent")
+    assert browser.eval("document.getElementById('provenance').dataset.provenance") == "declared_ai"
+    assert "declares itself AI-generated" in line and "TestGen" in line and "not trusted" in line
+    shot = browser("Page.captureScreenshot", format="png")["data"]
+    (ARTIFACTS / "web_provenance.png").write_bytes(base64.b64decode(shot))
+
+
 def test_bad_file_shows_error(browser, web_url, tmp_path):
     bad = tmp_path / "notes.jpg"
     bad.write_text("this is text, not a JPEG")
