@@ -34,9 +34,11 @@ log = logging.getLogger("ood_guard")
 
 def guard_scores(predictor, images: list[Image.Image], batch: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """(in_domain, domain_score) per image, through the Predictor's own path."""
+    from deepfake.inference import score_images
+
     dom, score = [], []
     for i in range(0, len(images), batch):
-        s = predictor.score_batch(predictor.preprocess(images[i : i + batch]), [im.size for im in images[i : i + batch]])
+        s = score_images([predictor], images[i : i + batch])
         dom += s.in_domain
         score += s.domain_score
     return np.array(dom, dtype=bool), np.array(score, dtype=np.float64)
@@ -77,7 +79,9 @@ def main() -> int:
         raise SystemExit(f"{args.model} has no guard: run deepfake calibrate first")
     settings = data_settings(meta)
     cat = scan(settings["path"], keep_blobs=True)
-    parts = split_samples(cat.samples, settings["val_ratio"], settings["test_ratio"], settings["seed"], settings["max_per_class"])
+    parts = split_samples(
+        cat.samples, settings["val_ratio"], settings["test_ratio"], settings["seed"], settings["max_per_class"]
+    )
     read = _Reader(cat.blobs)
     result: dict = {"model": args.model, "guard": {k: v for k, v in meta["trust"]["guard"].items() if k != "envelope"}}
     in_scores = {}
@@ -93,7 +97,10 @@ def main() -> int:
     originals = [decode_image(oread(r)) for r in orefs]
     from skimage import data as skdata
 
-    photos = [Image.fromarray(getattr(skdata, n)()).convert("RGB") for n in ("astronaut", "coffee", "chelsea", "rocket", "camera")]
+    photos = [
+        Image.fromarray(getattr(skdata, n)()).convert("RGB")
+        for n in ("astronaut", "coffee", "chelsea", "rocket", "camera")
+    ]
     variants = {
         "ood_as_given": originals,
         f"ood_{args.train_size}px": [downscale(im, args.train_size) for im in originals],

@@ -84,13 +84,15 @@ def calibrate(
     fit_images: int | None = DEFAULT_FIT_IMAGES,
     band: tuple[float, float] = DEFAULT_BAND,
     fprs: tuple[float, ...] = DEFAULT_FPRS,
-    taps: tuple[int, ...] = DEFAULT_TAPS,
+    taps: tuple[int, ...] | None = DEFAULT_TAPS,
     quantile: float = 0.99,
     batch_size: int = 64,
     device: str = "auto",
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Fit and store the folder's trust settings; returns what was stored plus the test-part measurement."""
+    """Fit and store the folder's trust settings; returns what was stored plus the test-part measurement.
+    `taps=None` fits the guard on the low-level statistics alone (no deep features): for cifake-b0-cpu (32 px
+    input) they only diluted it, 80% against 100% of real photos at 32 px flagged (bench/ood_guard.py)."""
     from deepfake.inference import Predictor
 
     if not 0 <= band[0] <= band[1] <= 1:
@@ -137,7 +139,7 @@ def calibrate(
     ops = operating_points(yb, p_val, fprs)
 
     f_out, f_labels = run(train, "training images (guard)")
-    group_sizes = predictor.net.group_sizes() + [N_LOWLEVEL]
+    group_sizes = (predictor.net.group_sizes() if taps is not None else []) + [N_LOWLEVEL]
     guard = fit_guard(
         f_out.feats,
         _labels_idx(f_labels),

@@ -352,8 +352,14 @@ def trust_lines(trust: dict[str, Any] | None) -> list[str]:
         e = g["envelope"]
         out += [
             "",
-            f"Out-of-domain guard (`{g['file']}`): {g.get('method')}, on pooled features of blocks {g['taps']} "
-            f"and the penultimate layer, fitted on {g.get('fit_images')} training images; threshold at the "
+            f"Out-of-domain guard (`{g['file']}`): {g.get('method')}"
+            + (
+                f", on pooled features of blocks {g['taps']} and the penultimate layer and on"
+                if g.get("taps") is not None
+                else ", on"
+            )
+            + f" 18 low-level statistics of the image at {g.get('lowlevel_size')} px,"
+            f" fitted on {g.get('fit_images')} training images; threshold at the "
             f"{g.get('quantile', 0.99):.0%} quantile of {g.get('threshold_images')} validation images. "
             f"Input envelope: short side {e['short_min']}-{e['short_max']} px, long side up to {e['long_max']} px, "
             f"aspect ratio up to {e['aspect_max']:.2f} (with {SIZE_SLACK_TEXT} slack). An image outside either is "

@@ -333,6 +333,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from deepfake.calibrate import calibrate, remove
     from deepfake.checkpoint import resolve_model_dir
+    from deepfake.guard import DEFAULT_TAPS
 
     if args.remove:
         remove(resolve_model_dir(args.model))
@@ -346,6 +347,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         fit_images=args.fit_images,
         band=band,
         quantile=1 - args.flag_rate,
+        taps=None if args.guard_features == "low" else DEFAULT_TAPS,
         batch_size=args.batch_size,
         device=args.device,
     )
@@ -535,6 +537,13 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--data", help="dataset (default: the data the model was trained on, split as in training)")
     ca.add_argument("--fit-images", type=int, default=10_000, help="training images for the guard's statistics")
     ca.add_argument("--band", default="0.2,0.8", help="LO,HI: calibrated P(ai) in this band is 'uncertain'")
+    ca.add_argument(
+        "--guard-features",
+        choices=("deep+low", "low"),
+        default="deep+low",
+        help="the guard's features: pooled activations of several depths + low-level image statistics, or the "
+        "low-level statistics alone (measure with bench/ood_guard.py)",
+    )
     ca.add_argument("--flag-rate", type=float, default=0.01, help="share of in-domain validation images flagged")
     ca.add_argument("--batch-size", type=int, default=64)
     ca.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")

@@ -36,7 +36,7 @@ from deepfake.config import DataConfig
 from deepfake.data import SAMPLE_DIR, DataError, read_ref, scan, split_samples
 from deepfake.guard import N_LOWLEVEL, lowlevel_images
 from deepfake.images import BadImage, decode_image
-from deepfake.inference import join_features
+from deepfake.inference import BatchScores, combine_scores, join_features
 from deepfake.metrics import (
     brier,
     compute_metrics,
@@ -206,31 +206,22 @@ def infer_refs(
     return RefOutputs(logits, feats, sizes, errors)
 
 
-@dataclass
-class Scored:
-    """What evaluation needs per image: calibrated and raw P(ai) (NaN on errors), the guard's answer."""
-
-    prob: np.ndarray
-    raw: np.ndarray
-    in_domain: list[bool | None]
-    domain_score: list[float | None]
-    errors: list[str]
-
-
-def score_refs(predictor, refs: list[str], read: _Reader, condition: str = "clean", **kw) -> Scored:
+def score_refs(predictor, refs: list[str], read: _Reader, condition: str = "clean", **kw) -> BatchScores:
+    """Per ref: calibrated and raw P(ai) (NaN where the file failed), the guard's answer, the error text."""
     out = infer_refs(predictor, refs, read, condition, **kw)
     ok = out.ok
     prob, raw = np.full(len(refs), np.nan), np.full(len(refs), np.nan)
     dom: list[bool | None] = [None] * len(refs)
     score: list[float | None] = [None] * len(refs)
+    reasons = [""] * len(refs)
     if ok.any():
         s = predictor.scores(
             out.logits[ok], None if out.feats is None else out.feats[ok], [out.sizes[i] for i in np.flatnonzero(ok)]
         )
         prob[ok], raw[ok] = s.prob_ai, s.prob_ai_raw
-        for i, d, sc in zip(np.flatnonzero(ok), s.in_domain, s.domain_score):
-            dom[i], score[i] = d, sc
-    return Scored(prob, raw, dom, score, out.errors)
+        for i, d, sc, why in zip(np.flatnonzero(ok), s.in_domain, s.domain_score, s.reasons):
+            dom[i], score[i], reasons[i] = d, sc, why
+    return BatchScores(prob, raw, dom, score, reasons, out.errors)
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -304,14 +295,14 @@ def evaluate(
     log.info("evaluating %d model(s) on %d images (%s part of %s)", len(dirs), len(refs), split, source)
 
     conditions = list(CONDITIONS) if robustness else ["clean"]
-    per_condition: dict[str, Scored] = {}
-    members: list[Scored] = []
+    per_condition: dict[str, BatchScores] = {}
+    members: list[BatchScores] = []
     for cond in conditions:
         per_model = [
             score_refs(pred, refs, read, cond, batch_size=batch_size, num_workers=num_workers, progress=progress)
             for pred in predictors
         ]
-        per_condition[cond] = combine(per_model)
+        per_condition[cond] = combine_scores(per_model)
         members = members or per_model  # the clean condition's, for the per-model columns
 
     clean = per_condition["clean"]
@@ -319,7 +310,7 @@ def evaluate(
     if not ok.any():
         raise DataError(f"none of the {len(refs)} selected images could be decoded at evaluation time")
     y_ok = [label for label, good in zip(labels, ok) if good]
-    metrics = compute_metrics(y_ok, clean.prob[ok], threshold=op.threshold, n_bootstrap=n_bootstrap)
+    metrics = compute_metrics(y_ok, clean.prob_ai[ok], threshold=op.threshold, n_bootstrap=n_bootstrap)
     metrics["operating_point"] = op.name
     trust = trust_report(predictors, y_ok, clean, ok, op.threshold)
 
@@ -351,10 +342,12 @@ def evaluate(
         for cond, sc in per_condition.items():
             good = np.array([not e for e in sc.errors])
             y_good = [label for label, g in zip(labels, good) if g]
-            m = compute_metrics(y_good, sc.prob[good], threshold=op.threshold, n_bootstrap=0)
+            m = compute_metrics(y_good, sc.prob_ai[good], threshold=op.threshold, n_bootstrap=0)
             table[cond] = {k: m[k] for k in ("n", "accuracy", "roc_auc", "f1_macro", "ece")}
             table[cond]["accuracy_delta"] = m["accuracy"] - metrics["accuracy"]
-            cov = coverage_table(to_binary(y_good), sc.prob[good], _domain(sc, good), op.threshold, predictors[0].band)
+            cov = coverage_table(
+                to_binary(y_good), sc.prob_ai[good], _domain(sc, good), op.threshold, predictors[0].band
+            )
             table[cond].update({"coverage": cov["coverage"], "accuracy_answered": cov["accuracy_answered"]})
         result["robustness"] = table
 
@@ -362,35 +355,24 @@ def evaluate(
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         result["files"] = _write_outputs(out, result, refs, labels, clean, predictors, members)
-        result["files"].update(write_plots(y_ok, clean.prob[ok], out, metrics))
+        result["files"].update(write_plots(y_ok, clean.prob_ai[ok], out, metrics))
         result["files"]["reliability_uncalibrated"] = str(
-            plot_reliability(y_ok, clean.raw[ok], out / "reliability_uncalibrated.png", title="Before calibration")
+            plot_reliability(
+                y_ok, clean.prob_ai_raw[ok], out / "reliability_uncalibrated.png", title="Before calibration"
+            )
         )
         (out / "metrics.json").write_text(json.dumps(result, indent=2))
     return result
 
 
-def combine(per_model: Sequence[Scored]) -> Scored:
-    """The ensemble of several models' scores: mean calibrated (and raw) P(ai); in domain where all agree
-    (None if any has no guard); the largest domain score; an error where any model failed."""
-    if len(per_model) == 1:
-        return per_model[0]
-    errors = [next((e for e in es if e), "") for es in zip(*(s.errors for s in per_model))]
-    doms = [None if None in d else all(d) for d in zip(*(s.in_domain for s in per_model))]
-    scores = [None if None in d else max(d) for d in zip(*(s.domain_score for s in per_model))]
-    return Scored(
-        np.mean([s.prob for s in per_model], axis=0), np.mean([s.raw for s in per_model], axis=0), doms, scores, errors
-    )
-
-
-def _domain(sc: Scored, good: np.ndarray) -> list[bool | None]:
+def _domain(sc: BatchScores, good: np.ndarray) -> list[bool | None]:
     return [d for d, g in zip(sc.in_domain, good) if g]
 
 
-def trust_report(predictors, y_ok: list[str], clean: Scored, ok: np.ndarray, threshold: float) -> dict[str, Any]:
+def trust_report(predictors, y_ok: list[str], clean: BatchScores, ok: np.ndarray, threshold: float) -> dict[str, Any]:
     """Calibration before/after, operating points on this data, coverage and the guard's flag rate."""
     y = to_binary(y_ok)
-    p, raw = clean.prob[ok], clean.raw[ok]
+    p, raw = clean.prob_ai[ok], clean.prob_ai_raw[ok]
     dom = _domain(clean, ok)
     both = len(set(y.tolist())) == 2
     out: dict[str, Any] = {
@@ -410,13 +392,15 @@ def trust_report(predictors, y_ok: list[str], clean: Scored, ok: np.ndarray, thr
     return out
 
 
-def _write_outputs(out, result, refs, labels, clean: Scored, predictors, members: list[Scored]) -> dict[str, str]:
+def _write_outputs(
+    out, result, refs, labels, clean: BatchScores, predictors, members: list[BatchScores]
+) -> dict[str, str]:
     from deepfake.predict import ensemble_version
 
     first = predictors[0]
     answers = [
         first.answer(p, r, d, sc) if not e else {}
-        for p, r, d, sc, e in zip(clean.prob, clean.raw, clean.in_domain, clean.domain_score, clean.errors)
+        for p, r, d, sc, e in zip(clean.prob_ai, clean.prob_ai_raw, clean.in_domain, clean.domain_score, clean.errors)
     ]
     preds = pd.DataFrame(
         {
@@ -434,7 +418,7 @@ def _write_outputs(out, result, refs, labels, clean: Scored, predictors, members
     )
     if len(members) > 1:
         for k, m in enumerate(members):
-            preds[f"prob_ai_{k + 1}"] = [None if e else float(p) for p, e in zip(m.prob, clean.errors)]
+            preds[f"prob_ai_{k + 1}"] = [None if e else float(p) for p, e in zip(m.prob_ai, clean.errors)]
     files = {"metrics": str(out / "metrics.json"), "predictions": str(out / "predictions.csv")}
     preds.to_csv(out / "predictions.csv", index=False)
     if "robustness" in result:

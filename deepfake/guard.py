@@ -196,7 +196,7 @@ class DomainGuard:
     """Fitted guard: per feature group, class means + a shared precision matrix; standardisation of each
     group's distance; the envelope of training sizes; the threshold on the summed standardised score."""
 
-    taps: tuple[int, ...]
+    taps: tuple[int, ...] | None  # tapped blocks (the penultimate layer too); None: low-level statistics only
     groups: list[int]  # feature widths per group: the tapped blocks, the penultimate layer, the low-level stats
     lowlevel_size: int  # side of the view `lowlevel` reads (the training images' size)
     arrays: dict[str, np.ndarray]  # mean_{g} (C, D_g), precision_{g} (D_g, D_g), zloc/zscale (G,)
@@ -271,7 +271,7 @@ class DomainGuard:
         return {
             "file": GUARD_FILE,
             "sha256": _sha256(d / GUARD_FILE),
-            "taps": list(self.taps),
+            "taps": None if self.taps is None else list(self.taps),
             "groups": list(self.groups),
             "lowlevel_size": int(self.lowlevel_size),
             "threshold": float(self.threshold),
@@ -302,7 +302,7 @@ class DomainGuard:
         known = ("file", "sha256", "taps", "groups", "lowlevel_size", "threshold", "envelope")
         info = {k: v for k, v in spec.items() if k not in known}
         return cls(
-            tuple(spec["taps"]),
+            None if spec["taps"] is None else tuple(spec["taps"]),
             groups,
             int(spec["lowlevel_size"]),
             arrays,
@@ -344,7 +344,7 @@ def fit_guard(
     fit_labels: np.ndarray,
     val_feats: np.ndarray,
     sizes: Sequence[tuple[int, int]],
-    taps: Sequence[int],
+    taps: Sequence[int] | None,
     groups: Sequence[int],
     lowlevel_size: int,
     quantile: float = 0.99,
@@ -381,7 +381,8 @@ def fit_guard(
         arrays[f"precision_{g}"] = np.linalg.inv(lw.covariance_)  # shrunk: well conditioned, and 5x faster than pinvh
     # stored as float32 (half the file; a distance needs no more), and the threshold is set with these arrays
     arrays = {k: v.astype(np.float32) for k, v in arrays.items()}
-    probe = DomainGuard(tuple(taps), list(groups), lowlevel_size, arrays, 1.0, {})
+    taps = None if taps is None else tuple(int(t) for t in taps)
+    probe = DomainGuard(taps, list(groups), lowlevel_size, arrays, 1.0, {})
     logd = np.log(probe.distances(val_feats))
     arrays["zloc"] = np.median(logd, 0).astype(np.float32)
     arrays["zscale"] = np.maximum(np.quantile(logd, 0.84, axis=0) - arrays["zloc"], 1e-6).astype(np.float32)
@@ -390,7 +391,7 @@ def fit_guard(
     if not threshold > 0:
         raise GuardError(f"degenerate guard: the in-domain score's {quantile:.0%} quantile is {threshold:.3g}")
     return DomainGuard(
-        tuple(int(t) for t in taps),
+        taps,
         [int(g) for g in groups],
         int(lowlevel_size),
         arrays,
@@ -398,7 +399,8 @@ def fit_guard(
         fit_envelope(sizes),
         {
             "method": "class-conditional Mahalanobis distance (shared Ledoit-Wolf covariance) per feature group "
-            "(pooled activations of several depths, 18 low-level image statistics), standardised; the largest",
+            + ("(pooled activations of several depths, 18 low-level image statistics)" if taps is not None else "")
+            + ", standardised; the largest",
             "fit_images": int(len(fit_feats)),
             "threshold_images": int(len(val_feats)),
             "quantile": float(quantile),

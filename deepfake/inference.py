@@ -4,7 +4,7 @@ explain and the server all use, so a verdict never depends on which entry point 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -61,12 +61,13 @@ class Predictor:
         self.operating_points: dict[str, Any] = trust.get("operating_points") or {}
         self.op = parse_operating_point(operating_point, self.operating_points)
         self.guard = guard
-        # features of these blocks come with the logits: the guard's, or `taps` to fit a new guard (calibrate)
-        self.taps = tuple(guard.taps if guard is not None else (taps or ()))
+        # features of these blocks (and the penultimate layer) come with the logits: the guard's, or `taps` to
+        # fit a new guard (calibrate); None: no deep features
+        self.taps = guard.taps if guard is not None else (None if taps is None else tuple(taps))
         # side of the image view the guard's low-level statistics read (None: no such statistics)
         self.lowlevel_size = guard.lowlevel_size if guard is not None else lowlevel_size
         # self.net gives (logits, features); self.model stays the eager classifier (Grad-CAM hooks it)
-        self.net: nn.Module = TappedNet(self.model, self.taps) if self.taps else _LogitsOnly(self.model)
+        self.net: nn.Module = TappedNet(self.model, self.taps) if self.taps is not None else _LogitsOnly(self.model)
         self.forward: nn.Module = self.net
         if jit and self.device.type == "cpu":
             self.forward = jit_module(self.net, self.image_size, channels_last)
@@ -90,7 +91,7 @@ class Predictor:
         """Raw logits (N, C) and the tapped features (N, D), or None without taps; float32 on the CPU."""
         with autocast(self.device, self.amp):
             logits, feats = self.forward(x)
-        return logits.float().cpu().numpy(), (feats.float().cpu().numpy() if self.taps else None)
+        return logits.float().cpu().numpy(), (feats.float().cpu().numpy() if self.taps is not None else None)
 
     def predict_tensor(self, x: torch.Tensor) -> torch.Tensor:
         """Calibrated class probabilities (N, C), float32 on the CPU."""
@@ -106,6 +107,8 @@ class Predictor:
     ) -> BatchScores:
         """Everything a verdict needs for a transformed batch; `sizes` are the original (width, height) and
         `low` the images' low-level statistics (`lowlevel`)."""
+        if self.lowlevel_size and low is None:
+            raise ValueError("this model's guard reads low-level statistics: pass low=predictor.lowlevel(images)")
         logits, feats = self.forward_batch(x)
         return self.scores(logits, join_features(feats, low), sizes)
 
@@ -156,13 +159,32 @@ class Predictor:
 
 @dataclass
 class BatchScores:
-    """Per image of a batch: calibrated and raw P(ai), the guard's answer (None without a guard) and why."""
+    """Per image: calibrated and raw P(ai), the guard's answer (None without a guard) and why; `errors` holds
+    a file's failure ('' when fine; its P(ai) is NaN) where the images came from files (evaluation)."""
 
     prob_ai: np.ndarray
     prob_ai_raw: np.ndarray
     in_domain: list[bool | None]
     domain_score: list[float | None]
     reasons: list[str]
+    errors: list[str] = field(default_factory=list)
+
+
+def combine_scores(per_model: Sequence[BatchScores]) -> BatchScores:
+    """An ensemble's scores: the mean of the members' calibrated (and raw) P(ai); in domain only where every
+    member says so (None if any member has no guard); the largest domain score; the first error of any."""
+    if len(per_model) == 1:
+        return per_model[0]
+    doms = zip(*(s.in_domain for s in per_model))
+    scores = zip(*(s.domain_score for s in per_model))
+    return BatchScores(
+        np.mean([s.prob_ai for s in per_model], axis=0),
+        np.mean([s.prob_ai_raw for s in per_model], axis=0),
+        [None if None in d else all(d) for d in doms],
+        [None if None in sc else max(sc) for sc in scores],
+        ["; ".join(dict.fromkeys(r for r in rs if r)) for rs in zip(*(s.reasons for s in per_model))],
+        [next((e for e in es if e), "") for es in zip(*(s.errors for s in per_model))],
+    )
 
 
 class _LogitsOnly(nn.Module):
@@ -178,22 +200,9 @@ class _LogitsOnly(nn.Module):
 
 
 def score_images(predictors: Sequence[Predictor], images: Sequence[Image.Image]) -> BatchScores:
-    """One model's scores, or an ensemble's: the mean of the members' calibrated (and raw) P(ai); in domain
-    only where every member says so (None if any member has no guard); the largest domain score."""
+    """One model's scores, or an ensemble's (`combine_scores`)."""
     sizes = [img.size for img in images]
-    per = [p.score_batch(p.preprocess(images), sizes, p.lowlevel(images)) for p in predictors]
-    if len(per) == 1:
-        return per[0]
-    doms = list(zip(*(s.in_domain for s in per)))
-    scores = list(zip(*(s.domain_score for s in per)))
-    reasons = list(zip(*(s.reasons for s in per)))
-    return BatchScores(
-        np.mean([s.prob_ai for s in per], axis=0),
-        np.mean([s.prob_ai_raw for s in per], axis=0),
-        [None if None in d else all(d) for d in doms],
-        [None if None in sc else max(sc) for sc in scores],
-        ["; ".join(dict.fromkeys(r for r in rs if r)) for rs in reasons],
-    )
+    return combine_scores([p.score_batch(p.preprocess(images), sizes, p.lowlevel(images)) for p in predictors])
 
 
 def join_features(feats: np.ndarray | None, low: np.ndarray | None) -> np.ndarray | None:

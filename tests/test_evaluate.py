@@ -130,7 +130,7 @@ def test_skipped_and_failing_files_are_counted(trained_model_dir, tmp_path):
     predictor = Predictor.from_dir(trained_model_dir, device="cpu")
     good = str(next((data / "real").iterdir()))
     sc = score_refs(predictor, [good, "gone"], _Reader({"gone": b"junk"}), batch_size=2)
-    assert np.isfinite(sc.prob[0]) and np.isnan(sc.prob[1]) and sc.errors[0] == "" and "BadImage" in sc.errors[1]
+    assert np.isfinite(sc.prob_ai[0]) and np.isnan(sc.prob_ai[1]) and sc.errors[0] == "" and "BadImage" in sc.errors[1]
 
 
 def test_update_card_keeps_the_rest_of_the_folder(val_eval, trained_model_dir, tmp_path):
