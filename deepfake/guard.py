@@ -159,7 +159,7 @@ def lowlevel(u8: np.ndarray) -> np.ndarray:
     m2, m4 = (ly**2).mean((1, 2)), (ly**4).mean((1, 2))
     k = n // 8  # JPEG quantisation residue: DCT coefficients of the 8x8 luma blocks against the q75 lattice
     blocks = (y[:, :n, :n] - 128.0).reshape(-1, k, 8, k, 8).transpose(0, 1, 3, 2, 4)
-    coef = np.einsum("ij,nabjk,lk->nabil", _DCT, blocks, _DCT) / Q75_LUMA
+    coef = (_DCT @ blocks @ _DCT.T) / Q75_LUMA  # 2-D DCT of every block, as two batched matmuls
     err = np.abs(coef - np.round(coef))
     ac = np.ones((8, 8), bool)
     ac[0, 0] = False
@@ -207,16 +207,26 @@ class DomainGuard:
     # -------------------------------------------------------------------- scoring
     def distances(self, feats: np.ndarray) -> np.ndarray:
         """(N, G) Mahalanobis distance (squared) of each group to its nearest class mean."""
-        feats = np.asarray(feats, dtype=np.float64)
+        feats = np.asarray(feats, dtype=np.float32)  # float32 like the stored arrays: no per-call upcast
         out = np.empty((len(feats), len(self.groups)))
         start = 0
         for g, width in enumerate(self.groups):
             x = (feats[:, start : start + width] - self.arrays[f"loc_{g}"]) / self.arrays[f"scale_{g}"]
             start += width
             mu, prec = self.arrays[f"mean_{g}"], self.arrays[f"precision_{g}"]
-            d = np.stack([(((x - m) @ prec) * (x - m)).sum(1) for m in mu], 1)  # a BLAS matmul, not einsum
-            out[:, g] = d.min(1)
+            # (x-m)P(x-m) = xPx - 2 xPm + mPm: one (N, D) x (D, D) product for every class
+            xp = x @ prec
+            d = (xp * x).sum(1)[:, None] - 2 * xp @ mu.T + self._mpm(g)[None, :]
+            out[:, g] = np.maximum(d.min(1), 1e-6)  # float32 cancellation must not reach log(<= 0)
         return out
+
+    def _mpm(self, g: int) -> np.ndarray:
+        """m P m per class mean of group g (constant: computed once)."""
+        cache = self.__dict__.setdefault("_mpm_cache", {})
+        if g not in cache:
+            mu, prec = self.arrays[f"mean_{g}"].astype(np.float64), self.arrays[f"precision_{g}"].astype(np.float64)
+            cache[g] = np.einsum("cd,de,ce->c", mu, prec, mu).astype(np.float32)
+        return cache[g]
 
     def raw_score(self, feats: np.ndarray) -> np.ndarray:
         """The largest standardised log distance over the groups: unfamiliar in any respect is unfamiliar."""
