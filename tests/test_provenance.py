@@ -105,7 +105,11 @@ def sign(data: bytes, mime: str, chain: bytes, key: bytes, source_type: str = "t
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict[str, Path]:
-    d = tmp_path_factory.mktemp("provenance")
+    return make_files(tmp_path_factory.mktemp("provenance"))
+
+
+def make_files(d: Path) -> dict[str, Path]:
+    """Every kind of file of the matrix, written to `d`; {"dir": d, name: path}."""
     ca_pem, chain, key = test_ca()
     (d / "ca.pem").write_bytes(ca_pem)
     signed_jpg = sign(image("JPEG"), "image/jpeg", chain, key)

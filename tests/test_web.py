@@ -240,6 +240,22 @@ def test_signed_image_shows_provenance_beside_the_verdict(browser, web_url, tmp_
     (ARTIFACTS / "web_provenance.png").write_bytes(base64.b64decode(shot))
 
 
+def test_http_api_reports_each_files_provenance_exactly(web_url, tmp_path_factory):
+    """The provenance test matrix through the HTTP API: each record equals the library's for the same bytes."""
+    from deepfake.provenance import read_provenance
+    from tests.test_provenance import EXPECTED, make_files
+
+    files = make_files(tmp_path_factory.mktemp("http_provenance"))
+    names = sorted(EXPECTED) + ["tampered_manifest.jpg"]
+    upload = [("files", (n, files[n].read_bytes(), "application/octet-stream")) for n in names]
+    r = httpx.post(f"{web_url}/predict", files=upload, timeout=120)
+    assert r.status_code == 200, r.text
+    got = {x["filename"]: x["provenance"] for x in r.json()["results"]}
+    for n in names:
+        assert got[n] == read_provenance(files[n].read_bytes()), n
+        assert got[n]["provenance"] == EXPECTED.get(n, ("none",))[0], n
+
+
 def test_bad_file_shows_error(browser, web_url, tmp_path):
     bad = tmp_path / "notes.jpg"
     bad.write_text("this is text, not a JPEG")
