@@ -234,11 +234,8 @@ def summarise(c2pa_part: dict[str, Any], metadata: list[dict[str, str]]) -> tupl
         return "none", f"a C2PA manifest is present but unreadable ({c2pa_part['error']})"
     if sources & AI_SOURCE_TYPES:
         kind = ", ".join(sorted(sources & AI_SOURCE_TYPES))
-        tampered = (
-            " (the manifest does not match the file: " + ", ".join(c for c in codes if "mismatch" in c) + ")"
-            if any("mismatch" in c for c in codes)
-            else ""
-        )
+        mismatches = [c for c in codes if "mismatch" in c]
+        tampered = f" (altered after signing: {', '.join(mismatches)})" if mismatches else ""
         return (
             "declared_ai",
             f"C2PA manifest by {c2pa_part.get('claim_generator') or 'an unnamed generator'} declares {kind}; {trust}{tampered}",

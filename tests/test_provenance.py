@@ -131,6 +131,8 @@ def make_files(d: Path) -> dict[str, Path]:
     pixels = bytearray(signed_jpg)
     pixels[-300] ^= 0x55
     out["tampered_pixels.jpg"] = bytes(pixels)
+    # the claim (its generator's name) changed after signing: the signature no longer matches it
+    out["tampered_claim.jpg"] = signed_jpg.replace(b"TestGen", b"TestGeN", 1)
     a1111, comfy = PngImagePlugin.PngInfo(), PngImagePlugin.PngInfo()
     a1111.add_text(
         "parameters", "a cat in a hat\nNegative prompt: blurry\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1"
@@ -159,6 +161,7 @@ EXPECTED = {  # file -> (provenance, c2pa present, c2pa validation_state, metada
     "camera.jpg": ("none", False, None, []),
     "xmp.jpg": ("declared_ai", False, None, ["xmp:trainedAlgorithmicMedia"]),
     "tampered_pixels.jpg": ("declared_ai", True, "Invalid", []),
+    "tampered_claim.jpg": ("declared_ai", True, "Invalid", []),
     "a1111.png": ("declared_ai", False, None, ["automatic1111"]),
     "comfyui.png": ("declared_ai", False, None, ["comfyui", "comfyui"]),
 }
@@ -173,13 +176,15 @@ def test_record_per_kind_of_file(files, name):
     assert [m["signature"] for m in r["metadata"]] == sigs
     if present and state:
         c = r["c2pa"]
-        assert c["claim_generator"] == "TestGen 1.0" and c["signer"] == "Test Generator Signer"
+        assert c["claim_generator"] == ("TestGeN 1.0" if name == "tampered_claim.jpg" else "TestGen 1.0")
+        assert c["signer"] == "Test Generator Signer"
         assert c["issuer"] == "deepfake tests" and c["actions"] == ["c2pa.created"]
         # a throw-away CA is not trusted unless the caller says so; the reason says which
         assert "signingCredential.untrusted" in c["validation_codes"]
         assert ("not trusted" if state == "Valid" else "validation Invalid") in r["reason"]
-    if name == "tampered_pixels.jpg":
-        assert "assertion.dataHash.mismatch" in r["c2pa"]["validation_codes"] and "does not match" in r["reason"]
+    if name.startswith("tampered_"):
+        code = "assertion.dataHash.mismatch" if name == "tampered_pixels.jpg" else "claimSignature.mismatch"
+        assert code in r["c2pa"]["validation_codes"] and f"altered after signing: {code}" in r["reason"]
     if name == "a1111.png":
         assert r["metadata"][0]["field"] == "png:parameters" and "Steps: 20" in r["metadata"][0]["excerpt"]
 
