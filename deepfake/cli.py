@@ -367,7 +367,7 @@ def cmd_provenance(args: argparse.Namespace) -> int:
         files = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES) if p.is_dir() else [p]
         for f in files:
             try:
-                record = read_provenance(f.read_bytes(), trust)
+                record = read_provenance(f.read_bytes(), trust, remote=args.c2pa_remote)
             except OSError as e:
                 record, rc = {"error": f"unreadable: {e.strerror or e}"}, 2
             print(json.dumps({"path": str(f), **record}, ensure_ascii=False), flush=True)
@@ -553,6 +553,9 @@ def build_parser() -> argparse.ArgumentParser:
     pv = sub.add_parser("provenance", help="C2PA manifests and generator metadata per file, as JSON lines")
     pv.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders (recursively)")
     pv.add_argument("--c2pa-trust", metavar="PEM", help="trusted root certificates for C2PA signers")
+    pv.add_argument(
+        "--c2pa-remote", action="store_true", help="let C2PA fetch a manifest the file only links to (network)"
+    )
     pv.set_defaults(func=cmd_provenance)
 
     cd = sub.add_parser("card", help="regenerate a model folder's card (README.md) from its metadata")

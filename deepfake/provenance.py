@@ -6,8 +6,9 @@ by side, never merged. This module reads, from the original bytes and before any
   manifest's claim generator, the `digitalSourceType` of its actions (`trainedAlgorithmicMedia` is how
   OpenAI, Adobe Firefly, Microsoft and Google mark generated output), the signer and issuer, and the
   validation state as the library reports it (`Trusted`, `Valid`, `Invalid`; with codes such as
-  `signingCredential.untrusted` or `assertion.dataHash.mismatch`). Remote manifests are never fetched and
-  no OCSP request is made: reading a file touches no network. Trust anchors come only from the caller.
+  `signingCredential.untrusted` or `assertion.dataHash.mismatch`). Remote manifests are not fetched unless the
+  caller asks (`remote=True`, `deepfake provenance --c2pa-remote`) and no OCSP request is made: by default,
+  reading a file touches no network. Trust anchors come only from the caller.
 - Metadata that generators write (Pillow, no decoding of pixels): PNG text chunks (AUTOMATIC1111's
   `parameters`, ComfyUI's `prompt` and `workflow`, NovelAI's `Software`/`Comment`), EXIF `Software`, and
   the IPTC/XMP `DigitalSourceType` field.
@@ -88,10 +89,10 @@ def _source_name(uri: str) -> str:
 
 # ---------------------------------------------------------------------------------------------- C2PA
 @lru_cache(maxsize=8)
-def _context(trust_pem: str | None):
+def _context(trust_pem: str | None, remote: bool = False):
     import c2pa
 
-    settings: dict[str, Any] = {"verify": {"remote_manifest_fetch": False, "ocsp_fetch": False}}
+    settings: dict[str, Any] = {"verify": {"remote_manifest_fetch": bool(remote), "ocsp_fetch": False}}
     if trust_pem:
         settings["trust"] = {"trust_anchors": trust_pem}
     return c2pa.Context(c2pa.Settings.from_dict(settings))
@@ -111,7 +112,7 @@ def load_trust(path: str | Path | None) -> str | None:
     return text
 
 
-def read_c2pa(data: bytes, mime: str | None, trust_pem: str | None = None) -> dict[str, Any]:
+def read_c2pa(data: bytes, mime: str | None, trust_pem: str | None = None, remote: bool = False) -> dict[str, Any]:
     """The C2PA part of the record: {present, claim_generator, digital_source_types, actions, signer, issuer,
     validation_state, validation_codes, error}. A malformed manifest gives `error`, never an exception."""
     import c2pa
@@ -120,7 +121,7 @@ def read_c2pa(data: bytes, mime: str | None, trust_pem: str | None = None) -> di
     if mime is None:
         return out
     try:
-        reader = c2pa.Reader.try_create(mime, io.BytesIO(data), None, _context(trust_pem))
+        reader = c2pa.Reader.try_create(mime, io.BytesIO(data), None, _context(trust_pem, remote))
     except Exception as e:  # noqa: BLE001 - the library raises its own error types for bad manifests
         if b"c2pa" in data or b"jumb" in data:
             return {"present": True, "error": f"{type(e).__name__.lstrip('_')}: {str(e)[:200]}"}
@@ -198,8 +199,11 @@ def read_metadata(img: Image.Image) -> list[dict[str, str]]:
 
 
 # ---------------------------------------------------------------------------------------------- the record
-def read_provenance(data: bytes, trust_pem: str | None = None, max_bytes: int = MAX_BYTES) -> dict[str, Any]:
-    """The provenance record of one file's bytes: {provenance, reason, c2pa, metadata, format}."""
+def read_provenance(
+    data: bytes, trust_pem: str | None = None, max_bytes: int = MAX_BYTES, remote: bool = False
+) -> dict[str, Any]:
+    """The provenance record of one file's bytes: {provenance, reason, c2pa, metadata, format}. `remote=True`
+    lets the C2PA library fetch a manifest the file only points to (network access; off by default)."""
     if len(data) > max_bytes:
         return {
             "provenance": "none",
@@ -215,7 +219,7 @@ def read_provenance(data: bytes, trust_pem: str | None = None, max_bytes: int = 
             metadata = read_metadata(img)
     except Exception:  # noqa: BLE001 - not an image Pillow opens: C2PA may still read it; the decoder reports it
         pass
-    c2pa_part = read_c2pa(data, MIME.get(fmt or ""), trust_pem)
+    c2pa_part = read_c2pa(data, MIME.get(fmt or ""), trust_pem, remote)
     label, reason = summarise(c2pa_part, metadata)
     return {"provenance": label, "reason": reason, "c2pa": c2pa_part, "metadata": metadata, "format": fmt}
 
