@@ -126,8 +126,7 @@ class Predictor:
         return BatchScores(probs, raw, [bool(v) for v in in_domain], [float(v) for v in score], reasons)
 
     def predict_images(self, images: Sequence[Image.Image]) -> list[dict[str, Any]]:
-        scores = self.score_batch(self.preprocess(images), [img.size for img in images], self.lowlevel(images))
-        return self.answers(scores)
+        return self.answers(score_images([self], images))
 
     def answers(self, s: BatchScores) -> list[dict[str, Any]]:
         return [

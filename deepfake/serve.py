@@ -589,7 +589,7 @@ class Ingress:
 def build_app(args: ServeArgs | dict[str, Any] | None = None) -> serve.Application:
     """The application graph: Ingress -> (Detector, Explainer), with resources and queue limits."""
     a = args if isinstance(args, ServeArgs) else ServeArgs.model_validate(args or {})
-    model_dir = check_operating_point(a.model_dump())
+    model_dir = check_app_args(a.model_dump())
     det_gpu, exp_gpu = gpu_shares(a, cluster_gpu_count())
     bs = a.max_batch_size
     detector = Detector.options(
@@ -651,8 +651,9 @@ def build_app(args: ServeArgs | dict[str, Any] | None = None) -> serve.Applicati
     ).bind(detector, explainer, model_dir, settings)
 
 
-def check_operating_point(args: dict[str, Any]) -> str:
-    """The args' model folder (resolved), after checking their operating point is one the model recorded."""
+def check_app_args(args: dict[str, Any]) -> str:
+    """The args' model folder (resolved), after checking their C2PA trust file reads and their operating point
+    is one the model recorded: a bad setting fails here, before anything is deployed."""
     from deepfake.calibration import CalibrationError, parse_operating_point
     from deepfake.checkpoint import read_metadata
     from deepfake.config import ConfigError
@@ -855,7 +856,7 @@ def run_local(
     spec = load_serve_config(find_config(config), model=model, port=port, host=host, operating_point=operating_point)
     if c2pa_trust:
         spec["args"]["c2pa_trust"] = str(Path(c2pa_trust).resolve())
-    check_operating_point(spec["args"])  # a missing model or unknown operating point fails before Ray starts
+    check_app_args(spec["args"])  # a missing model or unknown operating point fails before Ray starts
     try:
         url = start_local(spec, address=address, http_path=http_path)
         logging.getLogger("deepfake").info("serving %s at %s/ (Ctrl-C to stop)", spec["args"].get("model"), url)
