@@ -239,9 +239,9 @@ def main() -> int:
     if args.url:
         url = args.url.rstrip("/")
         if args.kill_replica:
-            import ray
+            from deepfake.cluster import connect
 
-            ray.init(address=args.address or "auto", logging_level="WARNING")
+            connect(args.address or "auto")
     else:
         spec = dserve.load_serve_config(dserve.find_config(args.config), model=args.model)
         spec["http_options"].update(host="127.0.0.1", port=_free_port())

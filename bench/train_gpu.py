@@ -29,17 +29,9 @@ from torch.utils.data import DataLoader
 from deepfake import config as cfgmod
 from deepfake.checkpoint import host_info
 from deepfake.data import BlobStore
+from deepfake.loop import build_optimizer, loader_kwargs, make_datasets, prepare_splits, train_one_epoch
 from deepfake.model import create_model, pick_device, to_device
-from deepfake.train import (
-    Interrupted,
-    build_optimizer,
-    fit,
-    loader_kwargs,
-    make_datasets,
-    prepare_splits,
-    run_name,
-    train_one_epoch,
-)
+from deepfake.train import Interrupted, fit, run_name
 
 log = logging.getLogger("bench.train_gpu")
 

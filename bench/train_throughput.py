@@ -21,8 +21,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from deepfake.config import Config
+from deepfake.loop import build_optimizer, build_scheduler, make_datasets, prepare_splits, train_one_epoch
 from deepfake.model import create_model, to_device
-from deepfake.train import build_optimizer, fit, lr_multiplier, make_datasets, prepare_splits, train_one_epoch
+from deepfake.train import fit
 
 log = logging.getLogger("bench.train_throughput")
 SETUP_KEYS = ("data", "max_per_class", "image_size", "stem_stride", "batch_size", "epochs", "cores")
@@ -50,7 +51,7 @@ def plain_loop(cfg: Config, cores: int) -> dict:
     loader = DataLoader(ds, batch_size=cfg.train.batch_size, shuffle=True, drop_last=True)
     model = to_device(create_model(cfg.model), torch.device("cpu"), cfg.model.channels_last)
     opt = build_optimizer(model, cfg)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_multiplier(cfg, len(loader)))
+    sched = build_scheduler(opt, cfg, len(loader))
     rates = []
     for epoch in range(1, cfg.train.epochs + 1):
         stats = train_one_epoch(

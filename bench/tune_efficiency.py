@@ -76,9 +76,9 @@ def main() -> None:
     if args.quick:
         args.data, args.trials, args.epochs, args.stem_stride = None, 4, 3, 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from deepfake.train import ensure_ray
+    from deepfake.cluster import connect
 
-    ensure_ray("local", num_cpus=int(args.max_concurrent * args.cpus_per_worker))
+    connect("local", num_cpus=int(args.max_concurrent * args.cpus_per_worker))
     work = Path(args.work or tempfile.mkdtemp(prefix="tune_eff_"))
     cfg = base_config(args)
 

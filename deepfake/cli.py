@@ -591,6 +591,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     from deepfake.calibration import CalibrationError
     from deepfake.checkpoint import CheckpointError
+    from deepfake.cluster import ClusterError
     from deepfake.data import DataError
     from deepfake.guard import GuardError
     from deepfake.images import BadImage
@@ -609,6 +610,7 @@ def main(argv: list[str] | None = None) -> int:
         CalibrationError,
         GuardError,
         ProvenanceError,
+        ClusterError,
     ) as e:
         log.error("%s", e)
         return 2

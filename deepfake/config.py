@@ -85,7 +85,6 @@ class TrainConfig:
     num_to_keep: int = 2
     calibrate: bool = True  # after export: fit temperature, operating points and the out-of-domain guard
     log_every: int = 20
-    fail_at_epoch: int | None = None  # fault injection for tests: raise once, on the first attempt, at this epoch
 
 
 @dataclass
@@ -206,6 +205,10 @@ def set_value(cfg: Config, dotted: str, value: Any) -> None:
     setattr(section, key, _coerce(value, types_[key], dotted))
 
 
+# Keys older configs carry that no longer mean anything (a saved run or model card still loads; nothing is set).
+RETIRED = {"train.fail_at_epoch"}
+
+
 def from_dict(raw: dict[str, Any] | None) -> Config:
     cfg = Config()
     if raw is None:
@@ -218,7 +221,8 @@ def from_dict(raw: dict[str, Any] | None) -> Config:
         if not isinstance(values, dict):
             raise ConfigError(f"section {section_name!r} must be a mapping")
         for key, value in values.items():
-            set_value(cfg, f"{section_name}.{key}", value)
+            if f"{section_name}.{key}" not in RETIRED:
+                set_value(cfg, f"{section_name}.{key}", value)
     return cfg
 
 

@@ -395,7 +395,7 @@ def trust_report(predictors, y_ok: list[str], clean: BatchScores, ok: np.ndarray
 def _write_outputs(
     out, result, refs, labels, clean: BatchScores, predictors, members: list[BatchScores]
 ) -> dict[str, str]:
-    from deepfake.predict import ensemble_version
+    from deepfake.inference import ensemble_version
 
     first = predictors[0]
     answers = [

@@ -243,3 +243,9 @@ def model_version(meta: dict[str, Any]) -> str:
     run = (meta.get("config") or {}).get("train", {}).get("name") or ""
     created = str(meta.get("created", "")).replace(":", "").replace("-", "")[:15]
     return "-".join(p for p in (meta.get("arch", "model"), run, created) if p)
+
+
+def ensemble_version(predictors: Sequence[Predictor] | Sequence[str]) -> str:
+    """The identifier of one model, or of an ensemble: its members' in order."""
+    names = [p if isinstance(p, str) else p.version for p in predictors]
+    return names[0] if len(names) == 1 else "ensemble(" + "+".join(names) + ")"

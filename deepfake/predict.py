@@ -30,7 +30,7 @@ from deepfake.calibration import parse_operating_point
 from deepfake.checkpoint import CheckpointError, read_metadata
 from deepfake.data import DataError, is_archive
 from deepfake.images import IMAGE_SUFFIXES, BadImage, decode_image
-from deepfake.inference import Predictor, model_version, score_images
+from deepfake.inference import Predictor, ensemble_version, model_version, score_images
 from deepfake.provenance import load_trust, read_provenance
 
 log = logging.getLogger(__name__)
@@ -63,11 +63,6 @@ def is_image_name(name: str) -> bool:
         and not any(p.startswith(".") or p.startswith("__MACOSX") for p in parts)
         and PurePosixPath(name).suffix.lower() in IMAGE_SUFFIXES
     )
-
-
-def ensemble_version(predictors: Sequence[Predictor] | Sequence[str]) -> str:
-    names = [p if isinstance(p, str) else p.version for p in predictors]
-    return names[0] if len(names) == 1 else "ensemble(" + "+".join(names) + ")"
 
 
 def predict_rows(
@@ -351,7 +346,7 @@ def predict(
     `operating_point`: a threshold, "fpr=F" or "eer" from the (first) model's calibration; default 0.5."""
     import ray
 
-    from deepfake.train import ensure_ray
+    from deepfake.cluster import connect
 
     t0 = time.perf_counter()
     dirs = [str(model_dirs)] if isinstance(model_dirs, (str, Path)) else [str(d) for d in model_dirs]
@@ -389,7 +384,7 @@ def predict(
         log.info("nothing left to predict")
         return {**summary, "seconds": round(time.perf_counter() - t0, 3)}
 
-    ensure_ray(address)
+    connect(address)
     ray.data.DataContext.get_current().enable_progress_bars = False  # one bar: ours, in rows written
     read_cpus = 0.5 if archive else 0.25
     res = resources(concurrency, gpus_per_replica, read_cpus)

@@ -810,20 +810,20 @@ def _port_free(port: int) -> bool:
 
 def start_local(spec: dict[str, Any], address: str | None = None, http_path: str = "auto") -> str:
     """Deploy `spec` (from load_serve_config) on an embedded (or given) Ray; returns the app URL."""
-    import os
-
     import ray
 
-    from deepfake.train import embedded, ensure_ray
+    from deepfake import cluster
 
     env = http_path_env(http_path)
-    if env and not ray.is_initialized() and embedded(address):
-        for key, value in env.items():
-            os.environ.setdefault(key, value)  # the embedded Ray's processes inherit them; the caller's win
-        log.info("HTTP path: HAProxy + direct ingress")
-    elif env:
-        log.info("HTTP path: as the running Ray was started (the fast path needs FAST_HTTP_ENV at `ray start`)")
-    ensure_ray(address)
+    fresh = not ray.is_initialized() and cluster.is_embedded(address)
+    cluster.connect(address, env=env)  # the embedded Ray's processes inherit `env`; variables the user set win
+    if env:
+        log.info(
+            "HTTP path: %s",
+            "HAProxy + direct ingress"
+            if fresh
+            else "as the running Ray was started (the fast path needs FAST_HTTP_ENV at `ray start`)",
+        )
     app = build_app(spec["args"])  # after ray.init, so the GPU check sees the cluster
     serve.start(http_options=spec["http_options"], logging_config=spec.get("logging_config"))
     serve.run(

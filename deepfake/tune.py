@@ -1,4 +1,4 @@
-"""Hyperparameter search with Ray Tune over the one training loop (`deepfake.train.run_loop`).
+"""Hyperparameter search with Ray Tune over the one training loop (`deepfake.loop.run_loop`).
 
 A trial with several workers (`tune.workers_per_trial > 1`) is a Tune function that builds and fits its own
 Ray Train `TorchTrainer(train_func)`; rank 0's per-epoch metrics reach Tune through `TuneReportCallback`.
@@ -56,7 +56,6 @@ RESERVED = {
     "train.name": "each trial is named by its trial id",
     "train.storage_path": "trials are stored under the search's output folder",
     "train.out": "trials export nothing; best_config.yaml is the result",
-    "train.fail_at_epoch": "fault injection is for tests of train only",
 }
 SEARCHERS = ("optuna", "random")
 SCHEDULERS = ("asha", "asha-stop", "fifo")
@@ -206,7 +205,6 @@ def trial_config(base: Config, params: dict[str, Any], name: str, storage: str) 
     cfg.train.name = name
     cfg.train.storage_path = storage
     cfg.train.log_every = 0
-    cfg.train.fail_at_epoch = None
     return cfg
 
 
@@ -355,6 +353,36 @@ def trial_resources(t) -> dict[str, float]:
     return {"cpu": DRIVER_CPU}
 
 
+class TuneTrialSession:
+    """Where a one-worker Tune trial runs the loop: in the trial's own process, on the GPU Tune gave it if any.
+
+    No worker group, controller or process group to start, which is most of a short trial's cost; reports and
+    checkpoints go to Tune, so ASHA sees every epoch and a restored trial resumes from its last one."""
+
+    rank, world = 0, 1
+
+    def __init__(self) -> None:
+        import torch
+
+        self.device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+
+    def prepare_loader(self, loader):
+        return loader
+
+    def prepare_model(self, model):
+        return model
+
+    def get_checkpoint(self):
+        from ray import tune
+
+        return tune.get_checkpoint()
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        from ray import tune
+
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
+
+
 def _trial(params: dict[str, Any], splits: dict, base: dict, train_storage: str) -> None:
     """One trial of the shared loop: in-process for one worker, else a TorchTrainer forwarding rank 0's epochs.
 
@@ -362,7 +390,8 @@ def _trial(params: dict[str, Any], splits: dict, base: dict, train_storage: str)
     the last epoch checkpoint; an in-process trial resumes from its last Tune checkpoint."""
     from ray import tune
 
-    from deepfake.train import TuneTrialSession, run_loop, train_func
+    from deepfake.loop import run_loop
+    from deepfake.train import train_func
 
     base_cfg = from_dict(base)
     trial_id = tune.get_context().get_trial_id()
@@ -493,8 +522,9 @@ def run_search(
     from ray import tune
     from ray.tune.search import BasicVariantGenerator
 
+    from deepfake.cluster import connect
+    from deepfake.loop import prepare_splits, with_pretrained
     from deepfake.model import resolve_pretrained
-    from deepfake.train import ensure_ray, prepare_splits, with_pretrained
 
     specs = validate(cfg)
     out_dir, name, exp_path = _paths(cfg, out)
@@ -503,7 +533,7 @@ def run_search(
     if not resume and exp_path.exists():
         raise ConfigError(f"a search already exists at {exp_path}: use --resume to continue it, or another -o/--name")
 
-    ensure_ray(address)
+    connect(address)
     split, rep, splits = prepare_splits(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     if not resume:

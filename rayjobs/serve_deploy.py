@@ -4,7 +4,7 @@ applications are RUNNING. They keep serving after the job ends (Serve's controll
 
 import sys
 
-from deepfake.jobs import run_job
+from deepfake.stages import run_job
 
 if __name__ == "__main__":
     sys.exit(run_job("serve", sys.argv[1:]))

@@ -2,7 +2,7 @@
 
 import sys
 
-from deepfake.jobs import run_job
+from deepfake.stages import run_job
 
 if __name__ == "__main__":
     sys.exit(run_job("train", sys.argv[1:]))

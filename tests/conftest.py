@@ -60,10 +60,11 @@ def ray_local():
     """One embedded local Ray for the whole session (worker start-up is the slow part)."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=None, logging_level="WARNING")
+    from deepfake.cluster import connect, disconnect
+
+    connect("local", num_cpus=2)
     yield ray
-    ray.shutdown()
+    disconnect()
 
 
 def train_small_model(out_dir: Path, epochs: int = 3, image_size: int = 32, seed: int = 0) -> Path:
@@ -75,8 +76,8 @@ def train_small_model(out_dir: Path, epochs: int = 3, image_size: int = 32, seed
     from deepfake import checkpoint as ck
     from deepfake.config import Config
     from deepfake.data import CLASSES, scan, split_samples
+    from deepfake.loop import build_optimizer, make_datasets, train_one_epoch
     from deepfake.model import create_model, data_config
-    from deepfake.train import build_optimizer, make_datasets, train_one_epoch
 
     torch.manual_seed(seed)
     cfg = Config()

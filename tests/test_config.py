@@ -88,3 +88,34 @@ def test_train_cli_refuses_bad_settings_and_too_little_data_before_starting_ray(
             assert main(["train", "--image-size", "32", *args]) == 2
         assert any(match in m for m in caplog.messages), caplog.messages
     assert not (tmp_path / "runs").exists() and not (tmp_path / "models").exists()
+
+
+@pytest.mark.parametrize("kind, warmup", [("cosine", 0), ("cosine", 2), ("step", 0), ("none", 1), ("none", 0)])
+def test_lr_schedule_is_torchs_and_follows_the_closed_form(kind, warmup):
+    """build_scheduler (torch's LinearLR/CosineAnnealingLR/StepLR chained) gives, step by step, the schedule
+    the configs were tuned with: linear warm-up to lr, then cosine to 0, the seed's step decay, or constant."""
+    import math
+
+    import torch
+
+    from deepfake.loop import build_scheduler
+
+    cfg = config.Config()
+    cfg.train.scheduler, cfg.train.warmup_epochs, cfg.train.epochs = kind, warmup, 6
+    cfg.train.step_size, cfg.train.gamma, cfg.train.lr = 2, 0.1, 1.0
+    steps = 5
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.train.lr)
+    sched = build_scheduler(opt, cfg, steps)
+    w, total = warmup * steps, cfg.train.epochs * steps
+    for step in range(total):
+        if step < w:
+            want = (step + 1) / w if w > 1 else 1.0
+        elif kind == "cosine":
+            want = 0.5 * (1 + math.cos(math.pi * (step - w) / (total - w)))
+        elif kind == "step":
+            want = cfg.train.gamma ** ((step // steps) // cfg.train.step_size)
+        else:
+            want = 1.0
+        assert opt.param_groups[0]["lr"] == pytest.approx(want, abs=1e-9), (kind, warmup, step)
+        opt.step()
+        sched.step()

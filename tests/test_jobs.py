@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from deepfake import checkpoint as ck
-from deepfake import jobs
+from deepfake import jobs, stages
 from deepfake.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -48,7 +48,7 @@ def test_entrypoints_and_runtime_env():
     e = jobs.build_entrypoint("train", ["--data", "/data/my images", "--epochs", "1"])
     assert e == "python -m rayjobs.train --data '/data/my images' --epochs 1"
     assert jobs.build_entrypoint("serve", []) == "python -m rayjobs.serve_deploy"
-    assert jobs.build_entrypoint("tune", ["-v"], installed=True) == "python -m deepfake.jobs tune -v"
+    assert jobs.build_entrypoint("tune", ["-v"], installed=True) == "python -m deepfake.stages tune -v"
     with pytest.raises(jobs.JobsError):
         jobs.build_entrypoint("bogus", [])
     for job in jobs.JOBS:  # every job has its entrypoint file
@@ -79,7 +79,7 @@ def test_serve_config_overrides():
         ],
     }
     job_env = {"working_dir": "gcs://_ray_pkg_1.zip", "env_vars": {"A": "1"}, "excludes": [".venv"]}
-    out = jobs.serve_config_overrides(
+    out = stages.serve_config_overrides(
         cfg, model="/m", extra_args={"k": "v"}, http_host="0.0.0.0", http_port=18000, runtime_env=job_env
     )
     assert out["http_options"] == {"host": "0.0.0.0", "port": 18000}
@@ -88,9 +88,9 @@ def test_serve_config_overrides():
     assert out["applications"][0]["runtime_env"] == {"working_dir": "gcs://_ray_pkg_1.zip", "env_vars": {"A": "1"}}
     assert out["applications"][1]["runtime_env"]["env_vars"] == {"A": "1", "B": "2"}
     assert cfg["applications"][0]["args"] == {"model_dir": "models/x"}  # the input is not modified
-    assert jobs.serve_config_overrides(cfg, model="/m", model_arg="path")["applications"][0]["args"]["path"] == "/m"
+    assert stages.serve_config_overrides(cfg, model="/m", model_arg="path")["applications"][0]["args"]["path"] == "/m"
     with pytest.raises(jobs.JobsError):
-        jobs.serve_config_overrides({"applications": []})
+        stages.serve_config_overrides({"applications": []})
 
 
 # ---------------------------------------------------------------------------------------------- a real head
@@ -326,7 +326,7 @@ def test_reproduce_runs_every_stage_of_a_recipe(ray_local, small_sample, tmp_pat
     out = tmp_path / "m"
     args = ["--data", str(small_sample), "--out", str(out), "--recipe", "cpu", "--epochs", "1", "--batch-size", "16"]
     args += ["--storage-path", str(tmp_path / "runs"), "--set", "train.log_every=0"]
-    assert jobs.run_job("reproduce", args) == 0
+    assert stages.run_job("reproduce", args) == 0
     stage1, final = ck.read_metadata(tmp_path / "m-stage1"), ck.read_metadata(out)
     # each stage with its own recorded config; the second from the first's weights
     assert stage1["config"]["train"]["lr"] == 0.002 and stage1["config"]["model"]["pretrained"] == "none"

@@ -63,7 +63,7 @@ def test_card_matches_metadata_and_states_what_the_issue_asks():
 def test_shipped_model_was_trained_with_its_recorded_recipe():
     """The recipe that `deepfake jobs submit reproduce` runs is the one in the card: every setting that shapes
     the model, stage by stage (the last stage is the shipped folder, each parent the stage before)."""
-    from deepfake import jobs
+    from deepfake import stages
 
     shapes = {
         "data": ("val_ratio", "test_ratio", "seed", "image_size", "hflip", "rotation", "crop_padding"),
@@ -71,7 +71,7 @@ def test_shipped_model_was_trained_with_its_recorded_recipe():
         "train": ("epochs", "batch_size", "optimizer", "lr", "weight_decay", "scheduler", "warmup_epochs"),
     }
     node = ck.read_metadata(MODEL)
-    for name in reversed(jobs.RECIPES[jobs.SHIPPED_RECIPE]):
+    for name in reversed(stages.RECIPES[stages.SHIPPED_RECIPE]):
         assert node is not None, f"the card has no stage for {name}"
         recipe = load_recipe(name)
         for section, keys in shapes.items():

@@ -1,7 +1,10 @@
 """Ray Train end to end on real images with a real local Ray: training, worker failure, resume."""
 
 import json
+import sys
+from pathlib import Path
 
+import cloudpickle
 import pytest
 import torch
 
@@ -11,6 +14,23 @@ from deepfake.config import Config
 from deepfake.train import fit
 
 pytestmark = pytest.mark.slow
+
+
+class FailOnce:
+    """A run_loop callback that crashes rank 0 once at `epoch`, the first time only (a marker file says it did),
+    as a worker killed mid-run would; it travels to the Ray Train workers by value."""
+
+    def __init__(self, epoch: int, run_dir: Path):
+        self.epoch, self.marker = epoch, Path(run_dir) / f".failed_once_epoch{epoch}"
+
+    def __call__(self, epoch: int, rank: int) -> None:
+        if epoch == self.epoch and rank == 0 and not self.marker.exists():
+            self.marker.parent.mkdir(parents=True, exist_ok=True)
+            self.marker.touch()
+            raise RuntimeError(f"injected failure at epoch {epoch}")
+
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers need not import the tests package
 
 
 def _cfg(data, tmp_path, **train) -> Config:
@@ -46,7 +66,8 @@ def test_two_workers_train_and_export(ray_local, small_sample, tmp_path):
 
 
 def test_worker_crash_restarts_from_last_checkpoint(ray_local, small_sample, tmp_path):
-    out = fit(_cfg(small_sample, tmp_path, name="crash", epochs=3, fail_at_epoch=2, max_failures=1), export=False)
+    cfg = _cfg(small_sample, tmp_path, name="crash", epochs=3, max_failures=1)
+    out = fit(cfg, export=False, callbacks=[FailOnce(2, tmp_path / "runs" / "crash")])
     assert (tmp_path / "runs" / "crash" / ".failed_once_epoch2").exists()  # the failure did happen
     assert [h["epoch"] for h in out["history"]] == [1, 2, 3]
     # epochs are seeded, so the restarted run trains exactly as an uninterrupted one
@@ -73,9 +94,9 @@ def test_warm_start_from_a_relative_model_folder_records_its_parent(ray_local, s
 def test_resume_after_interruption_continues_from_last_epoch(ray_local, small_sample, tmp_path):
     from ray.train import TrainingFailedError
 
-    cfg = _cfg(small_sample, tmp_path, name="interrupted", epochs=3, fail_at_epoch=2, max_failures=0)
+    cfg = _cfg(small_sample, tmp_path, name="interrupted", epochs=3, max_failures=0)
     with pytest.raises(TrainingFailedError):
-        fit(cfg, export=False)
+        fit(cfg, export=False, callbacks=[FailOnce(2, tmp_path / "runs" / "interrupted")])
     run = tmp_path / "runs" / "interrupted"
     first = sorted(p for p in run.glob("checkpoint_*") if p.is_dir())
     assert len(first) == 1  # only epoch 1 finished
@@ -105,6 +126,16 @@ NO_RAY = (
     "from deepfake.cli import main\n"
     "sys.exit(main(sys.argv[1:]))\n"
 )
+# the same, with a crash injected into the loop's first callback slot at epoch 2 (a killed process)
+CRASH_AT_2 = NO_RAY.replace(
+    "from deepfake.cli import main\n",
+    "from deepfake import loop\n"
+    "run = loop.run_loop\n"
+    "def crash(epoch, rank):\n"
+    "    if epoch == 2: raise RuntimeError('injected failure at epoch 2')\n"
+    "loop.run_loop = lambda c, s: run({**c, 'callbacks': [crash]}, s)\n"
+    "from deepfake.cli import main\n",
+)
 
 
 def test_torch_backend_trains_resumes_and_exports_without_ray(small_sample, tmp_path):
@@ -112,14 +143,14 @@ def test_torch_backend_trains_resumes_and_exports_without_ray(small_sample, tmp_
     import subprocess
     import sys
 
-    def train(*extra):
+    def train(*extra, script=NO_RAY):
         args = ["train", "--backend", "torch", "--storage-path", str(tmp_path / "runs"), *extra]
-        return subprocess.run([sys.executable, "-c", NO_RAY, *args], capture_output=True, text=True, timeout=600)
+        return subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=600)
 
     common = ["--data", str(small_sample), "--epochs", "3", "--batch-size", "16", "--stem-stride", "2"]
     common += ["--val-ratio", "0.15", "--test-ratio", "0.15"]
     common += ["--set", "data.image_size=32", "--set", "train.log_every=0", "--set", "train.num_to_keep=1"]
-    crashed = train(*common, "--name", "crash", "--out", str(tmp_path / "model"), "--set", "train.fail_at_epoch=2")
+    crashed = train(*common, "--name", "crash", "--out", str(tmp_path / "model"), script=CRASH_AT_2)
     assert crashed.returncode != 0 and "injected failure at epoch 2" in crashed.stderr
     run = tmp_path / "runs" / "crash"
     assert [p.name for p in run.glob("checkpoint_*")] == ["checkpoint_000001"]

@@ -1,0 +1,128 @@
+"""The Ray boundary: the one module that starts or joins Ray. Everything else asks it for a connection.
+
+No address (and no RAY_ADDRESS) means a new Ray embedded in this process (`address="local"`), never the
+cluster that the last `ray start` on this machine recorded in its temp dir: after that head has died, Ray's
+own default (`address=None`) hangs inside `ray.init`, and while it lives a "local" run silently goes to it.
+A given address is probed first, so a cluster that does not answer fails in seconds with its name.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections.abc import Mapping
+from urllib.parse import urlsplit
+
+log = logging.getLogger(__name__)
+
+LOCAL = "local"
+PROBE_TIMEOUT_S = 5.0
+CLIENT_PORT = 10001  # ray:// addresses without a port (Ray Client's default)
+DASHBOARD_PORT = 8265  # http:// addresses without a port (the job-submission / dashboard API)
+GCS_PORT = 6379
+
+
+class ClusterError(ConnectionError):
+    """A Ray cluster that was asked for and cannot be reached; the message names the address."""
+
+
+def requested(address: str | None = None) -> str | None:
+    """The address a run asked for: the argument, else RAY_ADDRESS, else None (an embedded local Ray)."""
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    return None if address in (None, "", LOCAL) else address
+
+
+def is_embedded(address: str | None = None) -> bool:
+    """Whether connect(address) starts a Ray inside this process rather than joining a cluster."""
+    return requested(address) is None
+
+
+def host_port(address: str) -> tuple[str, int] | None:
+    """(host, port) to probe for a cluster address, or None for "auto" (Ray searches the machine itself)."""
+    if address == "auto":
+        return None
+    parts = urlsplit(address if "://" in address else f"gcs://{address}")
+    default = {"ray": CLIENT_PORT, "http": DASHBOARD_PORT, "https": 443}.get(parts.scheme, GCS_PORT)
+    try:
+        port = parts.port or default
+    except ValueError as e:
+        raise ClusterError(f"Ray address {address!r}: {e}") from None
+    if not parts.hostname:
+        raise ClusterError(f"Ray address {address!r}: expected HOST:PORT, ray://HOST[:PORT] or http://HOST[:PORT]")
+    return parts.hostname, port
+
+
+def probe(address: str, timeout_s: float = PROBE_TIMEOUT_S) -> None:
+    """Raise ClusterError within `timeout_s` when nothing listens at the address (ray.init would wait minutes)."""
+    target = host_port(address)
+    if target is None:
+        return
+    start = time.monotonic()
+    try:
+        with socket.create_connection(target, timeout=timeout_s):
+            pass
+    except OSError as e:
+        raise ClusterError(
+            f"no Ray cluster answers at {address} ({target[0]}:{target[1]}: {e.strerror or e}, "
+            f"after {time.monotonic() - start:.1f} s); start it, or leave out --address/RAY_ADDRESS to run on "
+            "an embedded local Ray"
+        ) from None
+
+
+def connect(
+    address: str | None = None,
+    num_cpus: int | None = None,
+    env: Mapping[str, str] | None = None,
+    namespace: str | None = None,
+) -> bool:
+    """Join the cluster at `address`/RAY_ADDRESS, or start an embedded local Ray; True if it was embedded.
+
+    A no-op when Ray is already initialised in this process (a test's shared Ray, a job's driver).
+    `env` holds settings that Ray's own processes read when they start (e.g. Serve's HTTP path); they only
+    reach an embedded Ray, and variables the user already set win.
+    Ray starts its workers at nice 15, so on a small machine every normal-priority process (the driver,
+    Ray's daemons, an HTTP load generator) preempts the actual work. The embedded Ray is the whole job
+    here, so its workers run at normal priority (RAY_worker_niceness overrides)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    target = requested(address)
+    if target is None:
+        os.environ.setdefault("RAY_worker_niceness", "0")
+        for key, value in (env or {}).items():
+            os.environ.setdefault(key, value)
+    else:
+        if env:
+            log.info("joining %s: its processes keep the settings of its own `ray start`", target)
+        probe(target)
+    saved = os.environ.pop("RAY_ADDRESS", None)  # Ray lets RAY_ADDRESS win over the address it is given
+    try:
+        ray.init(
+            address=target or LOCAL,
+            num_cpus=num_cpus if target is None else None,
+            namespace=namespace,
+            logging_level=logging.WARNING,
+            log_to_driver=True,
+        )
+    finally:
+        if saved is not None:
+            os.environ["RAY_ADDRESS"] = saved
+    return target is None
+
+
+def disconnect() -> None:
+    """Stop an embedded Ray (or leave a joined cluster) if this process is connected."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def cluster_resources() -> dict[str, float]:
+    """The connected cluster's total resources (CPU, GPU, memory, ...)."""
+    import ray
+
+    return dict(ray.cluster_resources())

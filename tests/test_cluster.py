@@ -1,0 +1,120 @@
+"""The Ray boundary (deepfake.cluster): only it starts Ray; no address means a Ray of our own, never a stale or
+foreign one; a given address that does not answer fails in seconds and names it."""
+
+import ast
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from deepfake import cluster
+from deepfake.config import REPO_ROOT
+from deepfake.data import SAMPLE_DIR
+
+
+def _dead_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed again: nothing listens there
+
+
+def test_only_the_boundary_calls_ray_init():
+    offenders = []
+    for path in sorted((REPO_ROOT / "deepfake").rglob("*.py")) + sorted((REPO_ROOT / "rayjobs").rglob("*.py")):
+        if path.name == "cluster.py" and path.parent.name == "deepfake":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "init":
+                if isinstance(node.func.value, ast.Name) and node.func.value.id == "ray":
+                    offenders.append(f"{path.relative_to(REPO_ROOT)}:{node.lineno}")
+    assert not offenders, f"ray.init outside deepfake/cluster.py: {offenders}"
+
+
+@pytest.mark.parametrize(
+    "address, expected",
+    [
+        ("10.0.0.5:6379", ("10.0.0.5", 6379)),
+        ("10.0.0.5", ("10.0.0.5", cluster.GCS_PORT)),
+        ("ray://head", ("head", cluster.CLIENT_PORT)),
+        ("ray://head:10002", ("head", 10002)),
+        ("http://127.0.0.1:8265", ("127.0.0.1", 8265)),
+        ("auto", None),
+    ],
+)
+def test_host_port_of_each_address_form(address, expected):
+    assert cluster.host_port(address) == expected
+
+
+def test_requested_address_local_and_env(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert cluster.requested(None) is None and cluster.requested("local") is None and cluster.is_embedded()
+    monkeypatch.setenv("RAY_ADDRESS", "10.1.1.1:6379")
+    assert cluster.requested(None) == "10.1.1.1:6379" and not cluster.is_embedded()
+    assert cluster.requested("ray://x") == "ray://x"
+    monkeypatch.setenv("RAY_ADDRESS", "local")
+    assert cluster.is_embedded()
+
+
+def test_a_dead_address_fails_within_seconds_naming_it():
+    address = f"127.0.0.1:{_dead_port()}"
+    start = time.monotonic()
+    with pytest.raises(cluster.ClusterError, match=address):
+        cluster.probe(address)
+    assert time.monotonic() - start < cluster.PROBE_TIMEOUT_S + 1
+    with pytest.raises(cluster.ClusterError, match="expected HOST:PORT"):
+        cluster.probe("ray://")
+
+
+def _images(dst: Path, n: int = 3) -> Path:
+    dst.mkdir(parents=True)
+    for p in sorted((SAMPLE_DIR / "FAKE").iterdir())[:n]:
+        shutil.copy(p, dst / p.name)
+    return dst
+
+
+def _deepfake(*args: str, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "deepfake.cli", *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+def test_cli_with_an_unanswering_address_fails_fast(tmp_path):
+    address = f"127.0.0.1:{_dead_port()}"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    start = time.monotonic()
+    out = _deepfake(
+        "predict",
+        str(_images(tmp_path / "in")),
+        "-o",
+        str(tmp_path / "p.csv"),
+        "--address",
+        address,
+        env=env,
+        timeout=120,
+    )
+    assert out.returncode != 0 and f"no Ray cluster answers at {address}" in out.stderr, out.stderr[-2000:]
+    assert time.monotonic() - start < 60  # the interpreter and torch imports; the probe itself takes < 5 s
+
+
+@pytest.mark.slow
+def test_stale_ray_current_cluster_does_not_capture_a_local_run(tmp_path):
+    """A head recorded by an earlier `ray start` that has since died: `deepfake predict` without --address
+    still runs, on a Ray of its own (Ray's default address=None would hang inside ray.init)."""
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's socket paths live under it
+    try:
+        (ray_tmp / "ray").mkdir()
+        (ray_tmp / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{_dead_port()}")
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        env["RAY_TMPDIR"] = str(ray_tmp)
+        csv = tmp_path / "p.csv"
+        out = _deepfake("predict", str(_images(tmp_path / "in")), "-o", str(csv), env=env, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert len(csv.read_text().strip().splitlines()) == 1 + 3
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
