@@ -89,6 +89,7 @@ def calibrate(
     batch_size: int = 64,
     device: str = "auto",
     progress: bool = True,
+    allow_outside: bool = False,
 ) -> dict[str, Any]:
     """Fit and store the folder's trust settings; returns what was stored plus the test-part measurement.
     `taps=None` fits the guard on the low-level statistics alone (no deep features): for cifake-b0-cpu (32 px
@@ -101,7 +102,7 @@ def calibrate(
     model, meta = ck.load_model(d)
     settings = data_settings(meta)
     source = str(data) if data is not None else (settings["path"] or str(SAMPLE_DIR))
-    catalog = scan(source, keep_blobs=True, progress=progress)
+    catalog = scan(source, keep_blobs=True, progress=progress, allow_outside=allow_outside)
     if catalog.samples["label"].nunique() < 2:
         raise CalibrationError(
             f"{source}: calibration needs images of both classes (found {catalog.samples['label'].unique().tolist()})"

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from deepfake.config import ModelConfig, locate
+from deepfake.files import staged_folder, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -83,11 +84,19 @@ def build_metadata(
 
 
 def save_model(model: nn.Module, out_dir: str | Path, meta: dict[str, Any]) -> Path:
-    """Write the model folder (weights, config.json, README.md card); returns its path."""
+    """Write the model folder (weights, config.json, README.md card); returns its path. The folder is built
+    beside `out_dir` and swapped in whole (deepfake.files.staged_folder): a kill midway leaves the previous
+    model as it was, never new weights beside old metadata."""
+    out = Path(out_dir)
+    with staged_folder(out) as stage:
+        _write_model_files(model, stage, meta)
+    log.info("saved model to %s", out)
+    return out
+
+
+def _write_model_files(model: nn.Module, out: Path, meta: dict[str, Any]) -> None:
     import timm
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     bare = unwrap(model).to("cpu").to(memory_format=torch.contiguous_format)
     data_config = {
         "input_size": (3, meta["image_size"], meta["image_size"]),
@@ -108,8 +117,6 @@ def save_model(model: nn.Module, out_dir: str | Path, meta: dict[str, Any]) -> P
         **kwargs,
     )
     (out / CARD).write_text(render_card(meta))
-    log.info("saved model to %s", out)
-    return out
 
 
 def resolve_model_dir(model: str | Path | None = None) -> Path:
@@ -201,9 +208,7 @@ def write_metadata(model_dir: str | Path, meta: dict[str, Any]) -> None:
     raw = json.loads((d / CONFIG).read_text())
     raw["deepfake"] = meta
     for name, text in ((CONFIG, json.dumps(raw, indent=2) + "\n"), (CARD, render_card(meta))):
-        tmp = d / f".{name}.tmp"
-        tmp.write_text(text)
-        tmp.replace(d / name)
+        write_atomic(d / name, text)
 
 
 def _pct(x: Any) -> str:

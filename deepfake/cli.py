@@ -65,7 +65,16 @@ def _config_from_args(args: argparse.Namespace, config_path: str | None = None) 
             raise cfgmod.ConfigError(f"--set {item!r}: expected KEY=VALUE")
         k, v = item.split("=", 1)
         overrides[k.strip()] = v
+    if getattr(args, "allow_outside", False):
+        overrides["data.allow_outside"] = True
     return cfgmod.load(config_path or args.config, overrides)
+
+
+ALLOW_OUTSIDE_HELP = "let a CSV manifest name files outside its own folder (absolute paths, ..): refused otherwise"
+
+
+def _allow_outside_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-outside", action="store_true", help=ALLOW_OUTSIDE_HELP)
 
 
 MODEL_HELP = "model folder (repeat: ensemble; default: the shipped models/cifake-b0)"
@@ -83,7 +92,7 @@ def cmd_data_summarize(args: argparse.Namespace) -> int:
     from deepfake.data import report, scan, split_samples
 
     cfg = _config_from_args(args)
-    catalog = scan(args.path)
+    catalog = scan(args.path, allow_outside=args.allow_outside)
     split = split_samples(
         catalog.samples, cfg.data.val_ratio, cfg.data.test_ratio, cfg.data.seed, cfg.data.max_per_class
     )
@@ -128,7 +137,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 f"run {cfg.train.name!r} already exists in {cfg.train.storage_path}: use --resume "
                 f"{cfg.train.name} to continue it, or another --name"
             )
-    out = fit(cfg, address=args.address)
+    out = fit(cfg, address=args.address, overwrite=args.overwrite)
     m = out["metrics"]
     log.info(
         "best epoch %s: val_acc %.4f val_loss %.4f; model: %s",
@@ -261,6 +270,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         threshold=args.operating_point,
         n_bootstrap=args.bootstrap,
         progress=True,
+        allow_outside=args.allow_outside,
     )
     if args.update_card:
         from deepfake.evaluate import update_card
@@ -291,6 +301,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         address=args.address,
         operating_point=args.operating_point,
         c2pa_trust=args.c2pa_trust,
+        allow_outside=args.allow_outside,
     )
     print(json.dumps(summary, indent=2, default=str))
     return 0
@@ -350,6 +361,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         taps=None if args.guard_features == "low" else DEFAULT_TAPS,
         batch_size=args.batch_size,
         device=args.device,
+        allow_outside=args.allow_outside,
     )
     print(json.dumps(result, indent=2, default=str))
     return 0
@@ -425,11 +437,16 @@ def build_parser() -> argparse.ArgumentParser:
     summ.add_argument("--json", help="also write the full report (every skipped file) as JSON")
     summ.add_argument("--show-skipped", type=int, default=20)
     _add_config_flags(summ, only=("data",))
+    _allow_outside_flag(summ)
     summ.set_defaults(func=cmd_data_summarize)
 
     tr = sub.add_parser("train", help="train with Ray Train and export the best model + card")
+    _allow_outside_flag(tr)
     _add_config_flags(tr)
     tr.add_argument("--resume", metavar="NAME", help="continue an interrupted run by name")
+    tr.add_argument(
+        "--overwrite", action="store_true", help="replace an existing model folder at --out (refused otherwise)"
+    )
     tr.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or an embedded local Ray)")
     tr.set_defaults(func=cmd_train)
 
@@ -471,6 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     jl.set_defaults(func=cmd_jobs_list)
 
     tu = sub.add_parser("tune", help="hyperparameter search (Ray Tune + ASHA) -> best_config.yaml")
+    _allow_outside_flag(tu)
     _add_config_flags(tu)
     for flag, (key, tp, help_) in TUNE_FLAGS.items():
         tu.add_argument(flag, dest=key, type=tp, default=None, help=help_)
@@ -480,6 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     tu.set_defaults(func=cmd_tune)
 
     ev = sub.add_parser("evaluate", help="metrics, plots and robustness of a model (or an ensemble) on a dataset")
+    _allow_outside_flag(ev)
     ev.add_argument("--model", action="append", metavar="DIR", help=MODEL_HELP)
     ev.add_argument("--data", help="dataset (default: the data the first model was trained on)")
     ev.add_argument("--split", choices=("val", "test", "train", "all"), default="val", help="as split in training")
@@ -500,6 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
     en.set_defaults(func=cmd_ensemble)
 
     pr = sub.add_parser("predict", help="batch prediction with Ray Data: folder, .tar(.gz) or CSV -> predictions CSV")
+    _allow_outside_flag(pr)
     pr.add_argument("path", help="folder (every image, recursively), .tar/.tar.gz archive, or CSV manifest (path)")
     pr.add_argument("--model", action="append", metavar="DIR", help=MODEL_HELP)
     pr.add_argument(
@@ -533,6 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
     ca = sub.add_parser(
         "calibrate", help="fit a model's temperature, operating points and out-of-domain guard on its own data"
     )
+    _allow_outside_flag(ca)
     ca.add_argument("--model", metavar="DIR", help="model folder (default: the shipped models/cifake-b0)")
     ca.add_argument("--data", help="dataset (default: the data the model was trained on, split as in training)")
     ca.add_argument("--fit-images", type=int, default=10_000, help="training images for the guard's statistics")

@@ -44,6 +44,7 @@ class DataConfig:
     crop_padding: int = 0  # random shift: reflect-pad by N px and crop back (moves pixels, never resamples them)
     degrade: float = 0.0  # share of training images degraded: down-up resampling, blur, JPEG or crop (one each)
     loader_workers: int = 0  # DataLoader processes per training worker; 0 decodes in the training process
+    allow_outside: bool = False  # a CSV manifest may name files outside its own folder (refused otherwise)
 
 
 @dataclass

@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from deepfake.files import FileTooLarge, check_size, read_capped
 from deepfake.images import BadImage, decode_image
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,7 @@ class Candidate:
     ref: str
     label: str
     data: bytes | None = None  # already read (archives are streamed once); None: read from ref
+    error: tuple[str, str] | None = None  # (reason, detail) when it is known unusable before reading
 
 
 def _discover_folder(root: Path) -> Iterator[Candidate]:
@@ -113,26 +115,61 @@ def _discover_archive(archive: Path) -> Iterator[Candidate]:
             label = _label_from_parts(parts[:-1])
             if label is None:
                 continue
+            ref = f"{archive}{ARCHIVE_SEP}{member.name}"
+            try:
+                check_size(ref, member.size)
+            except FileTooLarge as e:
+                yield Candidate(ref, label, error=("too_large", str(e)))  # never read into memory
+                continue
             f = tar.extractfile(member)
             data = f.read() if f is not None else b""
-            yield Candidate(f"{archive}{ARCHIVE_SEP}{member.name}", label, data)
+            yield Candidate(ref, label, data)
 
 
-def _discover_manifest(csv_path: Path) -> Iterator[Candidate]:
+def is_manifest(path: str | Path) -> bool:
+    return str(path).lower().endswith((".csv", ".csv.gz"))
+
+
+def read_manifest(csv_path: Path, need_label: bool = True, allow_outside: bool = False) -> pd.DataFrame:
+    """A CSV manifest as (name as written, path resolved against the manifest's folder[, label]): the one
+    reader of manifests for training, evaluation and prediction. Paths that leave the manifest's folder
+    (absolute, or through ..) are refused unless `allow_outside`: a manifest from elsewhere must not make the
+    tool read arbitrary files on this machine."""
     df = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
     cols = {c.lower().strip(): c for c in df.columns}
-    if "path" not in cols or "label" not in cols:
-        raise DataError(f"{csv_path}: a manifest needs the columns path,label (found: {', '.join(df.columns)})")
-    base = csv_path.parent
-    bad = sorted({v for v in df[cols["label"]] if canonical_label(v) is None})
-    if bad:
-        raise DataError(f"{csv_path}: unknown labels {bad[:5]}; use one of {sorted(LABEL_SYNONYMS)} (case-insensitive)")
-    for p, label in zip(df[cols["path"]], df[cols["label"]]):
-        path = Path(p) if Path(p).is_absolute() else base / p
-        yield Candidate(str(path), canonical_label(label))
+    wanted = ("path", "label") if need_label else ("path",)
+    if any(c not in cols for c in wanted):
+        raise DataError(
+            f"{csv_path}: a manifest needs the column(s) {','.join(wanted)} (found: {', '.join(df.columns)})"
+        )
+    base = csv_path.parent.resolve()
+    names = [p for p in df[cols["path"]]]
+    keep = [bool(p) for p in names]
+    paths = [(base / p).resolve() if p else base for p in names]
+    outside = [n for n, p, k in zip(names, paths, keep) if k and not p.is_relative_to(base)]
+    if outside and not allow_outside:
+        raise DataError(
+            f"{csv_path}: {len(outside)} path(s) lead outside the manifest's folder {base} (e.g. {outside[:3]}); "
+            "move the manifest next to the images, or pass --allow-outside if you trust it"
+        )
+    out = pd.DataFrame({"name": names, "path": [str(p) for p in paths]})
+    if need_label:
+        labels = df[cols["label"]]
+        bad = sorted({v for v, k in zip(labels, keep) if k and canonical_label(v) is None})
+        if bad:
+            raise DataError(
+                f"{csv_path}: unknown labels {bad[:5]}; use one of {sorted(LABEL_SYNONYMS)} (case-insensitive)"
+            )
+        out["label"] = [canonical_label(v) for v in labels]
+    return out[keep].reset_index(drop=True)
 
 
-def discover(path: str | Path) -> tuple[str, Iterator[Candidate]]:
+def _discover_manifest(csv_path: Path, allow_outside: bool = False) -> Iterator[Candidate]:
+    for row in read_manifest(csv_path, allow_outside=allow_outside).itertuples():
+        yield Candidate(row.path, row.label)
+
+
+def discover(path: str | Path, allow_outside: bool = False) -> tuple[str, Iterator[Candidate]]:
     """Recognise the layout of `path` and list its labelled files lazily."""
     p = Path(path).expanduser().resolve()
     if not p.exists():
@@ -141,23 +178,25 @@ def discover(path: str | Path) -> tuple[str, Iterator[Candidate]]:
         return "folder", _discover_folder(p)
     if is_archive(p):
         return "archive", _discover_archive(p)
-    if p.suffix.lower() == ".csv" or str(p).lower().endswith(".csv.gz"):
-        return "manifest", _discover_manifest(p)
+    if is_manifest(p):
+        return "manifest", _discover_manifest(p, allow_outside)
     raise DataError(f"{path}: expected a folder, a CSV manifest (path,label) or a .tar/.tar.gz archive")
 
 
 # ---------------------------------------------------------------------------------------------- reading
 def read_ref(ref: str) -> bytes:
-    """Bytes of one file or archive member (slow for compressed archives: use a BlobStore for many)."""
+    """Bytes of one file or archive member (slow for compressed archives: use a BlobStore for many);
+    FileTooLarge over deepfake.files.MAX_FILE_BYTES, before reading it."""
     if ARCHIVE_SEP in ref:
         archive, member = ref.split(ARCHIVE_SEP, 1)
         with tarfile.open(archive, mode="r:*") as tar:
-            f = tar.extractfile(member)
+            info = tar.getmember(member)
+            check_size(ref, info.size)
+            f = tar.extractfile(info)
             if f is None:
                 raise FileNotFoundError(ref)
             return f.read()
-    with open(ref, "rb") as f:
-        return f.read()
+    return read_capped(ref)
 
 
 class BlobStore:
@@ -174,6 +213,7 @@ class BlobStore:
             with tarfile.open(archive, mode="r:*") as tar:
                 for m in tar:
                     if m.name in members and m.isfile():
+                        check_size(f"{archive}{ARCHIVE_SEP}{m.name}", m.size)
                         f = tar.extractfile(m)
                         self._members[f"{archive}{ARCHIVE_SEP}{m.name}"] = f.read() if f else b""
             missing = len(members) - sum(1 for m in members if f"{archive}{ARCHIVE_SEP}{m}" in self._members)
@@ -183,8 +223,7 @@ class BlobStore:
     def read(self, ref: str) -> bytes:
         if ARCHIVE_SEP in ref:
             return self._members[ref]
-        with open(ref, "rb") as f:
-            return f.read()
+        return read_capped(ref)
 
 
 # ---------------------------------------------------------------------------------------------- scanning
@@ -199,13 +238,20 @@ class Catalog:
     blobs: dict[str, bytes] = field(default_factory=dict, repr=False)  # archive members read during the scan
 
 
-def scan(path: str | Path, keep_blobs: bool = False, progress: bool = True) -> Catalog:
-    """Read, hash and test-decode every labelled file; never raises for a bad file, only lists it."""
-    layout, candidates = discover(path)
+def scan(path: str | Path, keep_blobs: bool = False, progress: bool = True, allow_outside: bool = False) -> Catalog:
+    """Read, hash and test-decode every labelled file; never raises for a bad file, only lists it.
+    `allow_outside`: a manifest may name files outside its own folder."""
+    layout, candidates = discover(path, allow_outside)
     rows, skipped, blobs = [], [], {}
     for c in tqdm(candidates, desc=f"scan {Path(path).name}", unit="img", disable=not progress, mininterval=2):
+        if c.error is not None:
+            skipped.append((c.ref, c.label, *c.error))
+            continue
         try:
             data = c.data if c.data is not None else read_ref(c.ref)
+        except FileTooLarge as e:
+            skipped.append((c.ref, c.label, "too_large", str(e)))
+            continue
         except OSError as e:
             skipped.append((c.ref, c.label, "unreadable", str(e)))
             continue

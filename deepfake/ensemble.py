@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from deepfake.data import CLASSES, DataError, canonical_label
+from deepfake.files import safe_frame, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -127,8 +128,7 @@ def ensemble_files(paths: Sequence[str | Path], out: str | Path, method: str = "
     """Read, combine and write; returns a JSON-able summary."""
     frames = [read_predictions(p) for p in paths]
     result = combine(frames, method, names=[str(p) for p in paths])
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    result.to_csv(out, index=False)
+    write_atomic(out, safe_frame(result).to_csv(index=False))
     ok = result["error"] == ""
     return {
         "out": str(out),

@@ -34,6 +34,7 @@ from deepfake import checkpoint as ck
 from deepfake.calibration import coverage_table, operating_points
 from deepfake.config import DataConfig
 from deepfake.data import SAMPLE_DIR, DataError, read_ref, scan, split_samples
+from deepfake.files import safe_frame, write_atomic
 from deepfake.guard import N_LOWLEVEL, lowlevel_images
 from deepfake.images import BadImage, decode_image
 from deepfake.inference import BatchScores, combine_scores, join_features
@@ -268,6 +269,7 @@ def evaluate(
     threshold: float | str | None = None,
     n_bootstrap: int = 1000,
     progress: bool = False,
+    allow_outside: bool = False,
 ) -> dict[str, Any]:
     """Metrics of a model (or the mean-probability ensemble of several) on `split` of `data` (default: the
     data the first model was trained on). Writes metrics.json, predictions.csv and the plots to `out_dir`
@@ -284,7 +286,7 @@ def evaluate(
     metas = [ck.read_metadata(d) for d in dirs]  # a missing or foreign folder fails here, before any scan
     settings = _common_settings(metas, split)
     source = str(data) if data is not None else (settings["path"] or str(SAMPLE_DIR))
-    catalog = scan(source, keep_blobs=True, progress=progress)
+    catalog = scan(source, keep_blobs=True, progress=progress, allow_outside=allow_outside)
     chosen = _select(catalog.samples, settings, split)
     refs, labels = chosen["ref"].tolist(), chosen["label"].tolist()
     read = _Reader(catalog.blobs)
@@ -420,7 +422,7 @@ def _write_outputs(
         for k, m in enumerate(members):
             preds[f"prob_ai_{k + 1}"] = [None if e else float(p) for p, e in zip(m.prob_ai, clean.errors)]
     files = {"metrics": str(out / "metrics.json"), "predictions": str(out / "predictions.csv")}
-    preds.to_csv(out / "predictions.csv", index=False)
+    write_atomic(out / "predictions.csv", safe_frame(preds).to_csv(index=False))
     if "robustness" in result:
         table = pd.DataFrame.from_dict(result["robustness"], orient="index").rename_axis("condition")
         table.to_csv(out / "robustness.csv")

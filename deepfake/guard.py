@@ -36,6 +36,8 @@ from PIL import Image
 from sklearn.covariance import LedoitWolf
 from torch import nn
 
+from deepfake.files import write_atomic
+
 log = logging.getLogger(__name__)
 
 GUARD_FILE = "guard.safetensors"
@@ -285,13 +287,10 @@ class DomainGuard:
     # -------------------------------------------------------------------- storage
     def save(self, model_dir: str | Path) -> dict[str, Any]:
         """Write guard.safetensors (atomically) and return the JSON part for the metadata."""
-        from safetensors.numpy import save_file
+        from safetensors.numpy import save
 
         d = Path(model_dir)
-        tmp = d / f".{GUARD_FILE}.tmp"
-        save_file({k: np.ascontiguousarray(v) for k, v in self.arrays.items()}, str(tmp))
-        tmp.chmod(0o644)
-        tmp.replace(d / GUARD_FILE)
+        write_atomic(d / GUARD_FILE, save({k: np.ascontiguousarray(v) for k, v in self.arrays.items()}))
         return {
             "file": GUARD_FILE,
             "sha256": _sha256(d / GUARD_FILE),

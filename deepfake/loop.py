@@ -387,7 +387,7 @@ def prepare_splits(cfg: Config) -> tuple[Any, dict, dict[str, tuple[list[str], l
     from deepfake.data import SAMPLE_DIR, report, scan, split_samples
 
     path = cfg.data.path or str(SAMPLE_DIR)
-    catalog = scan(path)
+    catalog = scan(path, allow_outside=cfg.data.allow_outside)
     split = split_samples(
         catalog.samples, cfg.data.val_ratio, cfg.data.test_ratio, cfg.data.seed, cfg.data.max_per_class
     )

@@ -28,7 +28,8 @@ from tqdm import tqdm
 
 from deepfake.calibration import parse_operating_point
 from deepfake.checkpoint import CheckpointError, read_metadata
-from deepfake.data import DataError, is_archive
+from deepfake.data import DataError, is_archive, is_manifest, read_manifest
+from deepfake.files import FileTooLarge, check_size, read_capped, safe_cell, unsafe_cell
 from deepfake.images import IMAGE_SUFFIXES, BadImage, decode_image
 from deepfake.inference import Predictor, ensemble_version, model_version, score_images
 from deepfake.provenance import load_trust, read_provenance
@@ -147,8 +148,9 @@ class BatchPredictor:
 
 
 # ---------------------------------------------------------------------------------------------- inputs
-def list_files(path: Path) -> list[tuple[str, str]]:
-    """(output filename, file path) for every image under a folder (recursively), a manifest, or one file."""
+def list_files(path: Path, allow_outside: bool = False) -> list[tuple[str, str]]:
+    """(output filename, file path) for every image under a folder (recursively), a manifest, or one file.
+    `allow_outside`: a manifest may name files outside its own folder (data.read_manifest)."""
     if path.is_dir():
         out = []
         for dirpath, dirnames, filenames in os.walk(path):
@@ -158,13 +160,9 @@ def list_files(path: Path) -> list[tuple[str, str]]:
                 if is_image_name(rel):
                     out.append((rel, str(Path(dirpath) / name)))
         return out
-    if path.suffix.lower() == ".csv" or str(path).lower().endswith(".csv.gz"):
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
-        cols = {c.lower().strip(): c for c in df.columns}
-        if "path" not in cols:
-            raise DataError(f"{path}: a manifest needs a 'path' column (found: {', '.join(df.columns)})")
-        base = path.parent
-        return [(p, str(Path(p) if Path(p).is_absolute() else base / p)) for p in df[cols["path"]] if p]
+    if is_manifest(path):
+        df = read_manifest(path, need_label=False, allow_outside=allow_outside)
+        return list(zip(df["name"], df["path"]))
     if path.suffix.lower() in IMAGE_SUFFIXES:
         return [(path.name, str(path))]
     raise DataError(f"{path}: expected a folder, a .tar/.tar.gz archive, a CSV manifest (path column) or an image")
@@ -203,8 +201,9 @@ def _blocks(rows: Iterable[tuple[str, bytes | None, str]], rows_per_block: int) 
 def read_files(pairs: Sequence[tuple[str, str]]) -> Iterator[tuple[str, bytes | None, str]]:
     for name, p in pairs:
         try:
-            with open(p, "rb") as f:
-                yield name, f.read(), ""
+            yield name, read_capped(p), ""
+        except FileTooLarge as e:
+            yield name, None, f"too_large: {e}"
         except OSError as e:
             yield name, None, f"unreadable: {e.strerror or e}"
 
@@ -216,6 +215,11 @@ def read_archive(archive: str, skip: frozenset[str] | set[str]) -> Iterator[tupl
         with tarfile.open(archive, mode="r:*") as tar:
             for m in tar:
                 if not m.isfile() or not is_image_name(m.name) or m.name in skip:
+                    continue
+                try:
+                    check_size(f"{Path(archive).name}::{m.name}", m.size)
+                except FileTooLarge as e:
+                    yield m.name, None, f"too_large: {e}"  # skipped unread
                     continue
                 f = tar.extractfile(m)
                 yield m.name, f.read() if f is not None else b"", ""
@@ -272,8 +276,30 @@ def _drop_partial_last_line(path: Path) -> None:
         f.truncate(0)
 
 
+HEADER = ",".join(COLUMNS)
+
+
+def check_output(out_csv: Path) -> None:
+    """Refuse an existing -o that is not a predictions CSV of ours, before anything touches it (resume cuts a
+    half-written last row; --overwrite replaces the file): an unrelated file is never changed."""
+    if not out_csv.exists():
+        return
+    if not out_csv.is_file():
+        raise DataError(f"-o {out_csv}: not a file")
+    if out_csv.stat().st_size == 0:
+        return
+    with open(out_csv, "rb") as f:
+        first = f.readline(len(HEADER) + 3)
+    if first.rstrip(b"\r\n") != HEADER.encode():
+        raise DataError(
+            f"-o {out_csv}: an existing file that is not a deepfake predictions CSV (its first line is not the "
+            f"header {HEADER!r}); it was left untouched: choose another output file"
+        )
+
+
 def finished_rows(out_csv: Path, version: str) -> set[str]:
     """Filenames already in the output (any row, error rows too); refuses a file from another model."""
+    check_output(out_csv)
     if not out_csv.exists() or out_csv.stat().st_size == 0:
         return set()
     _drop_partial_last_line(out_csv)
@@ -292,7 +318,7 @@ def finished_rows(out_csv: Path, version: str) -> set[str]:
         raise DataError(
             f"{out_csv} holds predictions of {sorted(others)}, not {version}: use --overwrite or another -o"
         )
-    return set(df["filename"])
+    return {unsafe_cell(name) for name in df["filename"]}
 
 
 def _format_prob(x: float) -> str:
@@ -307,7 +333,7 @@ def _cell(column: str, value: Any) -> str:
         return ""
     if isinstance(value, (bool, np.bool_)):
         return "true" if value else "false"
-    return str(value)
+    return safe_cell(str(value))  # a filename like "=cmd|..." must not run as a spreadsheet formula
 
 
 # ---------------------------------------------------------------------------------------------- driver
@@ -341,9 +367,11 @@ def predict(
     progress: bool = True,
     operating_point: str | float | None = None,
     c2pa_trust: str | Path | None = None,
+    allow_outside: bool = False,
 ) -> dict[str, Any]:
     """Predict every image under `path` into `out_csv` (resuming it unless `overwrite`); returns a summary.
-    `operating_point`: a threshold, "fpr=F" or "eer" from the (first) model's calibration; default 0.5."""
+    `operating_point`: a threshold, "fpr=F" or "eer" from the (first) model's calibration; default 0.5.
+    `allow_outside`: a manifest may name files outside its folder."""
     import ray
 
     from deepfake.cluster import connect
@@ -361,6 +389,7 @@ def predict(
     if not src.exists():
         raise DataError(f"input not found: {path}")
     out = Path(out_csv)
+    check_output(out)  # an unrelated file is refused untouched, --overwrite or not
     out.parent.mkdir(parents=True, exist_ok=True)
     if overwrite and out.exists():
         out.unlink()
@@ -369,7 +398,7 @@ def predict(
         log.info("%s: %d rows already written; predicting the rest", out, len(done))
 
     archive = str(src.resolve()) if src.is_file() and is_archive(src) else None
-    pairs = None if archive else [(n, p) for n, p in list_files(src) if n not in done]
+    pairs = None if archive else [(n, p) for n, p in list_files(src, allow_outside) if n not in done]
     todo = None if archive else len(pairs)
     summary: dict[str, Any] = {
         "source": str(path),

@@ -21,6 +21,7 @@ from deepfake import cluster
 from deepfake import config as cfgmod
 from deepfake.config import Config, ConfigError
 from deepfake.data import CLASSES, DataError, data_credits
+from deepfake.files import is_occupied
 from deepfake.loop import LocalSession, prepare_splits, run_loop, with_pretrained
 from deepfake.model import create_model, data_config, pick_device, resolve_pretrained
 
@@ -111,14 +112,18 @@ def fit(
     export: bool = True,
     prepared: tuple | None = None,
     callbacks: Sequence[Callable[[int, int], None]] = (),
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Train (Ray Train, or in this process with backend "torch") and export the best checkpoint (lowest val
     loss) with its model card. `prepared`: prepare_splits(cfg)'s result, when the caller already scanned;
-    `callbacks`: run_loop's per-epoch callables (they travel to the Ray Train workers, so must pickle)."""
+    `callbacks`: run_loop's per-epoch callables (they travel to the Ray Train workers, so must pickle);
+    `overwrite`: replace an existing model folder at train.out (refused before training otherwise)."""
     cfgmod.check(cfg)
     backend = cfg.train.backend.lower()
     pretrained = resolve_pretrained(cfg.model.pretrained)  # a missing file fails now, not in a worker
     name = run_name(cfg)
+    if export and not overwrite:
+        check_out(cfg.train.out, name)
     storage = cfg.train.storage_path
     if "://" not in storage:
         storage = str(Path(storage).expanduser().resolve())
@@ -167,6 +172,19 @@ def fit(
     if interrupted:
         raise Interrupted(out)
     return out
+
+
+def check_out(out: str, run: str) -> None:
+    """Refuse to train into an existing model folder (or file) at `out`, unless it is this same run's own
+    export (a run resumed after Ctrl-C exported its best epoch there); --overwrite replaces it."""
+    if not is_occupied(out):
+        return
+    try:
+        if (ckpt_io.read_metadata(out).get("config") or {}).get("train", {}).get("name") == run:
+            return
+    except ckpt_io.CheckpointError:
+        pass
+    raise ConfigError(f"train.out: {out} already exists; pass --overwrite to replace it, or choose another --out")
 
 
 def calibrate_exported(model_dir: str, use_gpu: str = "auto") -> dict[str, Any] | None:

@@ -126,8 +126,9 @@ def test_finished_rows_drops_half_row_and_refuses_another_model(tmp_path):
     with pytest.raises(DataError, match="m1"):
         finished_rows(out, "m2")
     (tmp_path / "q.csv").write_text("path,label\nx,ai\n")
-    with pytest.raises(DataError, match="columns"):
+    with pytest.raises(DataError, match="not a deepfake predictions CSV"):
         finished_rows(tmp_path / "q.csv", "m1")
+    assert (tmp_path / "q.csv").read_text() == "path,label\nx,ai\n"
 
 
 # ---------------------------------------------------------------------------------------------- Ray Data
@@ -201,13 +202,16 @@ def test_tar_gz_input_streams_members(folder_run, trained_model_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_predict_manifest(folder_run, trained_model_dir, tmp_path, capsys):
+def test_cli_predict_manifest(folder_run, trained_model_dir, tmp_path, capsys, caplog):
     src, files, _, _ = folder_run
     manifest = tmp_path / "m.csv"
     paths = [str(p) for p in list(files.values())[:3]] + [str(tmp_path / "missing.jpg")]
     pd.DataFrame({"path": paths}).to_csv(manifest, index=False)
     out = tmp_path / "m_pred.csv"
-    rc = main(["predict", str(manifest), "--model", str(trained_model_dir), "-o", str(out), "--batch-size", "2"])
+    args = ["predict", str(manifest), "--model", str(trained_model_dir), "-o", str(out), "--batch-size", "2"]
+    assert main(args) == 2 and not out.exists()  # absolute paths elsewhere: refused without --allow-outside
+    assert "--allow-outside" in caplog.text
+    rc = main([*args, "--allow-outside"])
     assert rc == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["predicted"] == 3 and summary["errors"] == 1
