@@ -8,6 +8,7 @@ reads JSON and safetensors only: nothing is unpickled.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import logging
@@ -98,12 +99,7 @@ def _write_model_files(model: nn.Module, out: Path, meta: dict[str, Any]) -> Non
     import timm
 
     bare = unwrap(model).to("cpu").to(memory_format=torch.contiguous_format)
-    data_config = {
-        "input_size": (3, meta["image_size"], meta["image_size"]),
-        "mean": tuple(meta["mean"]),
-        "std": tuple(meta["std"]),
-        "interpolation": meta["interpolation"],
-    }
+    data_config = timm_data_config(meta)
     kwargs: dict[str, Any] = {}
     if "data_config" in inspect.signature(timm.models.save_for_hf).parameters:
         kwargs["data_config"] = data_config
@@ -116,6 +112,8 @@ def _write_model_files(model: nn.Module, out: Path, meta: dict[str, Any]) -> Non
         safe_serialization=True,
         **kwargs,
     )
+    raw = json.loads((out / CONFIG).read_text())
+    (out / CONFIG).write_text(json.dumps(timm_view(raw, meta), indent=2) + "\n")
     (out / CARD).write_text(render_card(meta))
 
 
@@ -201,11 +199,54 @@ def lineage_seconds(meta: dict[str, Any]) -> float:
     return total
 
 
+def timm_data_config(meta: dict[str, Any]) -> dict[str, Any]:
+    """The preprocessing as timm's data config: resize the short side to the input size, centre-crop (crop_pct 1:
+    exactly deepfake.transforms' eval path), then normalise."""
+    size = meta["image_size"]
+    return {
+        "input_size": (3, size, size),
+        "mean": tuple(meta["mean"]),
+        "std": tuple(meta["std"]),
+        "interpolation": meta["interpolation"],
+        "crop_pct": 1.0,
+        "crop_mode": "center",
+    }
+
+
+@functools.lru_cache(maxsize=8)
+def native_stem_stride(arch: str) -> int | None:
+    """The first convolution's stride of timm's own `arch` (None when it has no conv_stem)."""
+    import timm
+
+    conv = getattr(timm.create_model(arch, pretrained=False, num_classes=2), "conv_stem", None)
+    return conv.stride[0] if isinstance(conv, nn.Conv2d) else None
+
+
+def timm_architecture(meta: dict[str, Any]) -> str:
+    """config.json's `architecture`, the name plain timm builds from `local-dir:`: the arch itself when timm
+    builds this very network; else a name timm refuses (Unknown model). A changed stem stride is not expressible
+    in timm's config, and timm would otherwise build a different network around these weights without a word
+    (seen: P(ai) = 0.50 for every image)."""
+    stride = meta.get("stem_stride")
+    if stride is None or stride == native_stem_stride(meta["arch"]):
+        return meta["arch"]
+    return f"{meta['arch']}-deepfake-stem-stride{stride}-not-buildable-by-plain-timm"
+
+
+def timm_view(raw: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
+    """config.json with the fields plain timm reads made true to the model: `architecture` and preprocessing."""
+    out = dict(raw)
+    out["architecture"] = timm_architecture(meta)
+    pre = {k: v for k, v in timm_data_config(meta).items() if k != "input_size"}
+    out["pretrained_cfg"] = {**(raw.get("pretrained_cfg") or {}), **pre}
+    return out
+
+
 def write_metadata(model_dir: str | Path, meta: dict[str, Any]) -> None:
     """Replace a model folder's metadata and regenerate its card; each file is swapped in atomically, so an
     interrupted write never leaves a half-written config.json next to good weights."""
     d = Path(model_dir)
-    raw = json.loads((d / CONFIG).read_text())
+    raw = timm_view(json.loads((d / CONFIG).read_text()), meta)
     raw["deepfake"] = meta
     for name, text in ((CONFIG, json.dumps(raw, indent=2) + "\n"), (CARD, render_card(meta))):
         write_atomic(d / name, text)
@@ -232,6 +273,14 @@ def render_card(meta: dict[str, Any]) -> str:
         f" mean {meta['mean']}, std {meta['std']}",
         f"- classes (output order): {meta['classes']}",
         f"- weights: `{WEIGHTS}` (safetensors); metadata: `{CONFIG}`",
+        "- plain timm: "
+        + (
+            "`timm.create_model('local-dir:THIS_FOLDER', pretrained=True)` builds this network, and "
+            "`timm.data.resolve_data_config(model=m)` gives its preprocessing"
+            if timm_architecture(meta) == meta["arch"]
+            else f"refuses this folder (stem stride {meta.get('stem_stride')} is not expressible in timm's "
+            "config); load it with `deepfake.checkpoint.load_model` or `deepfake.inference.Predictor`"
+        ),
         "",
         "## Training",
     ]

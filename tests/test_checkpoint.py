@@ -2,6 +2,7 @@ import json
 
 import pytest
 import torch
+from PIL import Image
 
 from deepfake import checkpoint as ck
 from deepfake.config import ModelConfig
@@ -131,3 +132,29 @@ def test_finetune_policy():
         apply_finetune_policy(m, "last:99")
     with pytest.raises(ModelError):
         apply_finetune_policy(m, "some")
+
+
+def test_plain_timm_reads_a_folder_right_or_refuses_it(trained_model_dir):
+    """timm's `local-dir:` loader builds the same network and preprocessing as Predictor (same probabilities
+    on real images of any shape), and refuses a folder whose network it cannot build (stem stride 1)."""
+    import timm
+    from skimage import data as skdata
+
+    from deepfake.config import REPO_ROOT
+    from deepfake.data import SAMPLE_DIR
+    from deepfake.images import decode_image
+    from deepfake.inference import Predictor
+
+    images = [decode_image(p.read_bytes()) for p in sorted((SAMPLE_DIR / "FAKE").iterdir())[:3]]
+    images += [Image.fromarray(skdata.astronaut()), Image.fromarray(skdata.rocket())]  # 512x512, 427x640
+    model = timm.create_model(f"local-dir:{trained_model_dir}", pretrained=True).eval()
+    tf = timm.data.create_transform(**timm.data.resolve_data_config(model=model))
+    with torch.no_grad():
+        timm_p = torch.softmax(model(torch.stack([tf(im) for im in images])), 1)[:, 0].numpy()
+    ours = [a["prob_ai_raw"] for a in Predictor.from_dir(trained_model_dir, device="cpu").predict_images(images)]
+    assert timm_p == pytest.approx(ours, abs=1e-4)
+    assert json.loads((trained_model_dir / ck.CONFIG).read_text())["label_names"] == ["ai", "real"]
+    for shipped in ("cifake-b0", "cifake-b0-cpu"):  # stem stride 1
+        with pytest.raises(RuntimeError, match="Unknown model"):
+            timm.create_model(f"local-dir:{REPO_ROOT / 'models' / shipped}", pretrained=True)
+        assert "plain timm: refuses this folder" in (REPO_ROOT / "models" / shipped / ck.CARD).read_text()
