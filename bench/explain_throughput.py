@@ -86,7 +86,7 @@ def measure(predictor: Predictor, n: int, batch: int, repeats: int) -> dict:
 def random_predictor(size: int) -> Predictor:
     from deepfake.checkpoint import build_metadata
     from deepfake.config import ModelConfig
-    from deepfake.data import CLASSES
+    from deepfake.labels import CLASSES
     from deepfake.model import create_model, data_config
 
     torch.manual_seed(0)

@@ -29,9 +29,10 @@ from deepfake.calibration import (
     operating_points,
     softmax,
 )
-from deepfake.data import CLASSES, SAMPLE_DIR, DataError, scan, split_samples
+from deepfake.data import SAMPLE_DIR, DataError, scan, split_samples
 from deepfake.evaluate import RefOutputs, _Reader, data_settings, infer_refs
 from deepfake.guard import DEFAULT_TAPS, GUARD_FILE, MIN_PER_CLASS, N_LOWLEVEL, DomainGuard, GuardError, fit_guard
+from deepfake.labels import CLASSES
 from deepfake.metrics import brier, expected_calibration_error
 
 log = logging.getLogger(__name__)

@@ -310,6 +310,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_explain(args: argparse.Namespace) -> int:
     from deepfake.data import DataError
     from deepfake.explain import explain_images, write_explanations
+    from deepfake.files import FileTooLarge, read_capped
     from deepfake.images import BadImage, decode_image
     from deepfake.inference import Predictor
     from deepfake.provenance import load_trust, read_provenance
@@ -321,19 +322,21 @@ def cmd_explain(args: argparse.Namespace) -> int:
     images, names, failed, provenance = [], [], [], []
     for path in args.images:
         try:
-            data = Path(path).read_bytes()
+            data = read_capped(path)
             images.append(decode_image(data))
             names.append(path)
             provenance.append(read_provenance(data, trust))
         except BadImage as e:
             failed.append({"path": path, "reason": e.reason})
+        except FileTooLarge as e:
+            failed.append({"path": path, "reason": f"too_large: {e}"})
         except OSError as e:
             failed.append({"path": path, "reason": f"unreadable: {e.strerror or e}"})
     for row in failed:
         log.error("skipped %s: %s", row["path"], row["reason"])
     if not images:
         raise DataError(f"none of the {len(args.images)} images could be read")
-    expls = explain_images(predictor, images, target=args.target, batch_size=args.batch_size)
+    expls = explain_images(predictor, images, target=args.target, batch_size=args.batch_size, progress=True)
     result = write_explanations(expls, names, args.output)
     for row, prov in zip(result["images"], provenance):
         row["provenance"] = prov  # beside the verdict, never merged into it

@@ -22,22 +22,10 @@ from tqdm import tqdm
 
 from deepfake.files import FileTooLarge, check_size, read_capped
 from deepfake.images import BadImage, decode_image
+from deepfake.labels import CLASSES, LABEL_SYNONYMS, canonical_label
 
 log = logging.getLogger(__name__)
 
-CLASSES: tuple[str, ...] = ("ai", "real")  # index order of the model's outputs
-LABEL_SYNONYMS = {
-    "ai": "ai",
-    "fake": "ai",
-    "generated": "ai",
-    "synthetic": "ai",
-    "ai_generated": "ai",
-    "ai-generated": "ai",
-    "real": "real",
-    "authentic": "real",
-    "human": "real",
-    "photo": "real",
-}
 SAMPLE_DIR = Path(__file__).parent / "sample"  # a few hundred CIFAKE images shipped for quickstart and tests
 ARCHIVE_SEP = "::"  # ref of an archive member: "<archive path>::<member name>"
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
@@ -60,10 +48,6 @@ def data_credits(source: str) -> str | None:
 
 class DataError(ValueError):
     """A dataset that cannot be used at all (missing, empty, unlabelled); the message says how to fix it."""
-
-
-def canonical_label(name: str) -> str | None:
-    return LABEL_SYNONYMS.get(str(name).strip().lower())
 
 
 def is_archive(path: str | Path) -> bool:

@@ -23,8 +23,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from deepfake.data import CLASSES, DataError, canonical_label
+from deepfake.data import DataError
 from deepfake.files import safe_frame, write_atomic
+from deepfake.labels import CLASSES, canonical_label
 
 log = logging.getLogger(__name__)
 

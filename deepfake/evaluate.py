@@ -299,10 +299,20 @@ def evaluate(
     conditions = list(CONDITIONS) if robustness else ["clean"]
     per_condition: dict[str, BatchScores] = {}
     members: list[BatchScores] = []
-    for cond in conditions:
+    for k, cond in enumerate(conditions, 1):
         per_model = [
-            score_refs(pred, refs, read, cond, batch_size=batch_size, num_workers=num_workers, progress=progress)
-            for pred in predictors
+            score_refs(
+                pred,
+                refs,
+                read,
+                cond,
+                batch_size=batch_size,
+                num_workers=num_workers,
+                progress=progress,
+                desc=f"{cond} ({k}/{len(conditions)})"
+                + (f" model {m}/{len(predictors)}" if len(predictors) > 1 else ""),
+            )
+            for m, pred in enumerate(predictors, 1)
         ]
         per_condition[cond] = combine_scores(per_model)
         members = members or per_model  # the clean condition's, for the per-model columns

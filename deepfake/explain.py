@@ -24,6 +24,7 @@ from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
+from tqdm import tqdm
 
 from deepfake.config import ConfigError
 from deepfake.inference import Predictor
@@ -151,9 +152,10 @@ def explain_images(
     images: list[Image.Image],
     target: str | None = None,
     batch_size: int = 16,
+    progress: bool = False,
 ) -> list[Explanation]:
     """Grad-CAM for each RGB image, explaining `target` (a class name) or, by default, the predicted class.
-    One forward + backward per batch of `batch_size` images."""
+    One forward + backward per batch of `batch_size` images; `progress`: a bar in images."""
     if not images:
         return []
     target_idx = _target_index(predictor, target)
@@ -161,7 +163,10 @@ def explain_images(
     out: list[Explanation] = []
     # Grad-CAM needs autograd even when a caller runs under inference_mode/no_grad.
     with cm.lock, torch.inference_mode(False), torch.enable_grad():
-        with GradCAM(model=cm.model, target_layers=[cm.layer]) as cam:
+        with (
+            GradCAM(model=cm.model, target_layers=[cm.layer]) as cam,
+            tqdm(total=len(images), unit="img", desc="explain", disable=not progress, mininterval=2) as bar,
+        ):
             for start in range(0, len(images), max(1, batch_size)):
                 chunk = images[start : start + max(1, batch_size)]
                 x = predictor.preprocess(chunk).clone()  # a normal tensor even if made in inference mode
@@ -184,6 +189,7 @@ def explain_images(
                             answer=a,
                         )
                     )
+                bar.update(len(chunk))
     return out
 
 

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from deepfake import checkpoint as ckpt_io
 from deepfake.config import LR_SCHEDULERS, Config, ConfigError, from_dict, one_of
@@ -142,12 +143,14 @@ def train_one_epoch(
     channels_last: bool = True,
     log_every: int = 0,
     epoch: int = 0,
+    progress: bool = False,
 ) -> EpochStats:
     model.train()
     freeze_frozen_batchnorm(model)
     total_loss, correct, count = 0.0, 0.0, 0.0
     start = time.perf_counter()
     n_steps = len(loader)
+    bar = tqdm(total=n_steps, unit="step", desc=f"epoch {epoch}", disable=not progress, mininterval=2, leave=False)
     for step, batch in enumerate(loader):
         x, y = batch_to_device(batch, device, channels_last)
         with autocast(device, amp):
@@ -167,6 +170,7 @@ def train_one_epoch(
         total_loss += float(loss.detach()) * n
         correct += float((logits.detach().argmax(1) == y).sum())
         count += n
+        bar.update(1)
         if log_every and (step + 1) % log_every == 0:
             rate = count / (time.perf_counter() - start)
             log.info(
@@ -178,6 +182,7 @@ def train_one_epoch(
                 correct / count,
                 rate,
             )
+    bar.close()
     return EpochStats(total_loss, correct, count, time.perf_counter() - start)
 
 
@@ -244,6 +249,7 @@ class LocalSession:
     which --resume continues from."""
 
     rank, world = 0, 1
+    interactive = True  # a terminal watches this process: a progress bar per epoch
 
     def __init__(self, run_dir: Path, device: torch.device, num_to_keep: int = 2):
         self.run_dir, self.device, self.num_to_keep = Path(run_dir), device, max(1, num_to_keep)
@@ -350,6 +356,7 @@ def run_loop(loop_config: dict[str, Any], session: Session) -> None:
             cfg.model.channels_last,
             cfg.train.log_every if rank == 0 else 0,
             epoch,
+            progress=getattr(session, "interactive", False),
         ).reduced(device)
         va = evaluate_loader(model, val_loader, eval_loss, device, cfg.train.amp, cfg.model.channels_last)
         va = va.reduced(device)

@@ -22,10 +22,7 @@ import numpy as np
 from scipy.stats import norm, rankdata
 from sklearn import metrics as skm
 
-# Output order of the model; the same tuple as deepfake.data.CLASSES (a test checks), repeated here so this
-# module does not import torch.
-CLASSES: tuple[str, ...] = ("ai", "real")
-POSITIVE = "ai"
+from deepfake.labels import CLASSES, POSITIVE
 
 
 def to_binary(y_true: Sequence[Any]) -> np.ndarray:
@@ -105,21 +102,26 @@ def bootstrap_auc_interval(
 
 
 def calibration_bins(y: np.ndarray, p: np.ndarray, n_bins: int = 10) -> list[dict[str, Any]]:
-    """Equal-width bins of P(ai) (see the module docstring for the edge rule) with count, mean P(ai) and
-    observed fraction of ai; empty bins are listed with count 0."""
+    """Equal-width bins of P(ai) with count, mean P(ai) and observed fraction of ai, from scikit-learn's
+    `calibration_curve(strategy="uniform")` (it returns the non-empty bins only; the counts, which it does not
+    return, come from its own edge rule); empty bins are listed with count 0."""
+    from sklearn.calibration import calibration_curve
+
+    y, p = np.asarray(y, dtype=np.int64), np.asarray(p, dtype=np.float64)
     edges = np.linspace(0.0, 1.0, n_bins + 1)
-    ids = np.searchsorted(edges[1:-1], p, side="left")  # the rule sklearn's calibration_curve uses
+    counts = np.bincount(np.searchsorted(edges[1:-1], p, side="left"), minlength=n_bins)
+    frac, mean = calibration_curve(y, p, n_bins=n_bins, strategy="uniform", pos_label=1) if len(y) else ([], [])
+    filled = iter(zip(frac, mean))
     out = []
     for b in range(n_bins):
-        mask = ids == b
-        k = int(mask.sum())
+        f, m = next(filled) if counts[b] else (None, None)
         out.append(
             {
                 "lo": float(edges[b]),
                 "hi": float(edges[b + 1]),
-                "count": k,
-                "mean_prob_ai": float(p[mask].mean()) if k else None,
-                "fraction_ai": float(y[mask].mean()) if k else None,
+                "count": int(counts[b]),
+                "mean_prob_ai": None if m is None else float(m),
+                "fraction_ai": None if f is None else float(f),
             }
         )
     return out

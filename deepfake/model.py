@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from deepfake.config import ModelConfig, locate
-from deepfake.data import CLASSES
+from deepfake.labels import CLASSES
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,9 @@ from deepfake import checkpoint as ckpt_io
 from deepfake import cluster
 from deepfake import config as cfgmod
 from deepfake.config import Config, ConfigError
-from deepfake.data import CLASSES, DataError, data_credits
+from deepfake.data import DataError, data_credits
 from deepfake.files import is_occupied
+from deepfake.labels import CLASSES
 from deepfake.loop import LocalSession, prepare_splits, run_loop, with_pretrained
 from deepfake.model import create_model, data_config, pick_device, resolve_pretrained
 

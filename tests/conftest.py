@@ -75,7 +75,8 @@ def train_small_model(out_dir: Path, epochs: int = 3, image_size: int = 32, seed
 
     from deepfake import checkpoint as ck
     from deepfake.config import Config
-    from deepfake.data import CLASSES, scan, split_samples
+    from deepfake.data import scan, split_samples
+    from deepfake.labels import CLASSES
     from deepfake.loop import build_optimizer, make_datasets, train_one_epoch
     from deepfake.model import create_model, data_config
 

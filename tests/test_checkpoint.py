@@ -6,7 +6,7 @@ from PIL import Image
 
 from deepfake import checkpoint as ck
 from deepfake.config import ModelConfig
-from deepfake.data import CLASSES
+from deepfake.labels import CLASSES
 from deepfake.model import ModelError, apply_finetune_policy, create_model, data_config
 
 
