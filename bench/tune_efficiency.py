@@ -1,8 +1,10 @@
-"""What ASHA saves: wall time of an N-trial ASHA search vs the same N sampled configs run to the full budget.
+"""Trial schedulers side by side: the promoting ASHA (`deepfake.asha`), Ray's ASHAScheduler, HyperBandScheduler
+and HyperBandForBOHB, on the same N trials and budget, in the same run, against FIFO (every trial to the full
+budget). For each: wall time, trial-epochs spent, and where the config it chose ranks in the full-budget run.
 
-Both searches run in this process, on one local Ray, on the same data split: first ASHA with a seeded
-random searcher, then FIFO over exactly the configs ASHA sampled (Tune's points_to_evaluate). Prints JSON
-and saves it to bench/results/tune_efficiency.json (or --out).
+All searches run in this process, on one local Ray, on the same data split: the first scheduler samples the
+configs with a seeded random searcher, every other one (and FIFO) runs exactly those (Tune's
+points_to_evaluate). Prints JSON and saves it to bench/results/tune_efficiency.json (or --out).
 
 The default budget is 16 epochs with grace 1 and reduction factor 4: rungs at 1 and 4 epochs before the
 full 16. `--scheduler asha` (the default, `deepfake.asha.PromotingASHA`) pauses every trial at every rung
@@ -33,6 +35,8 @@ from report import emit  # noqa: E402 - bench/report.py, next to this script
 
 from deepfake.config import Config  # noqa: E402
 from deepfake.tune import run_search  # noqa: E402
+
+log = logging.getLogger("bench.tune_efficiency")
 
 
 def base_config(args: argparse.Namespace) -> Config:
@@ -65,7 +69,12 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=16, help="per-trial budget (ASHA max_t)")
     p.add_argument("--grace", type=int, default=1)
     p.add_argument("--rf", type=int, default=4)
-    p.add_argument("--scheduler", choices=["asha", "asha-stop"], default="asha")
+    p.add_argument(
+        "--schedulers",
+        nargs="+",
+        default=["asha", "asha-stop", "hyperband", "bohb"],
+        help="compared on the same trials (the first samples them); fifo always runs last as the reference",
+    )
     p.add_argument("--max-concurrent", type=int, default=2)
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
@@ -82,52 +91,63 @@ def main() -> None:
     work = Path(args.work or tempfile.mkdtemp(prefix="tune_eff_"))
     cfg = base_config(args)
 
-    start = time.time()
-    asha = run_search(cfg, work / "asha", scheduler=args.scheduler)
-    asha_wall = time.time() - start
-    trials = pd.read_csv(work / "asha" / "trials.csv")
-    keys = [c for c in trials.columns if c.startswith("config/")]
+    runs: dict[str, dict] = {}
+
+    def search(name: str, points=None) -> pd.DataFrame:
+        t0 = time.time()
+        res = run_search(cfg, work / name, points=points, scheduler=name)
+        trials = pd.read_csv(work / name / "trials.csv")
+        runs[name] = {"wall_s": round(time.time() - t0, 1), "result": res, "trials": trials}
+        log.info("%s: %.0f s, %d trial-epochs", name, runs[name]["wall_s"], trials["epochs_run"].sum())
+        return trials
+
+    # the first scheduler samples the configs (seeded random search); every other one runs exactly those
+    first = search(args.schedulers[0])
+    keys = [c for c in first.columns if c.startswith("config/")]
     points = [
         {k.removeprefix("config/"): row[k].item() if hasattr(row[k], "item") else row[k] for k in keys}
-        for _, row in trials.sort_values("trial_id").iterrows()
+        for _, row in first.sort_values("trial_id").iterrows()
     ]
+    for name in args.schedulers[1:]:
+        search(name, points)
+    search("fifo", points)  # every trial to the full budget: the reference ranking
 
-    start = time.time()
-    run_search(cfg, work / "fifo", points=points, scheduler="fifo")
-    fifo_wall = time.time() - start
-    full = pd.read_csv(work / "fifo" / "trials.csv")
+    full = runs["fifo"]["trials"]
 
-    # Did ASHA keep the config that the full-budget run ranks best?
-    fifo_best = full.iloc[0]
-    asha_best_cfg = {k: asha["best_params"][k.removeprefix("config/")] for k in keys}
-    fifo_rank_of_asha_best = next(
-        (i + 1 for i, (_, r) in enumerate(full.iterrows()) if all(r[k] == v for k, v in asha_best_cfg.items())), None
-    )
+    def full_budget_rank(params: dict) -> int | None:
+        """Where a scheduler's chosen config ranks among the full-budget runs (1 = the true best)."""
+        for i, (_, r) in enumerate(full.iterrows()):
+            if all(r[f"config/{k}"] == params[k] for k in (c.removeprefix("config/") for c in keys)):
+                return i + 1
+        return None
+
+    table = {}
+    for name, r in runs.items():
+        chosen = {k.removeprefix("config/"): r["result"]["best_params"][k.removeprefix("config/")] for k in keys}
+        rank = full_budget_rank(chosen)
+        table[name] = {
+            "wall_s": r["wall_s"],
+            "wall_vs_fifo": round(r["wall_s"] / runs["fifo"]["wall_s"], 3),
+            "trial_epochs": int(r["trials"]["epochs_run"].sum()),
+            "best_val_acc_seen": r["result"]["best_val_acc"],
+            "chosen_config_full_budget_rank": rank,
+            "chosen_config_full_budget_val_acc": None if rank is None else float(full.iloc[rank - 1]["best_val_acc"]),
+            "stopped_early": r["result"]["stopped_early"],
+        }
     result = {
         "data": args.data or "shipped sample",
         "max_per_class": args.max_per_class,
         "image_size": args.image_size,
         "stem_stride": args.stem_stride,
         "trials": args.trials,
-        "scheduler": args.scheduler,
         "epochs_budget": args.epochs,
         "grace_period": args.grace,
         "reduction_factor": args.rf,
         "max_concurrent": args.max_concurrent,
-        "asha_wall_s": round(asha_wall, 1),
-        "fifo_wall_s": round(fifo_wall, 1),
-        "wall_ratio": round(asha_wall / fifo_wall, 3),
-        "goal_ratio": 0.4,
-        "asha_epochs": int(trials["epochs_run"].sum()),
-        "fifo_epochs": int(full["epochs_run"].sum()),
-        "epoch_ratio": round(trials["epochs_run"].sum() / max(1, full["epochs_run"].sum()), 3),
-        "asha_stopped_early": asha["stopped_early"],
-        "asha_best_val_acc": asha["best_val_acc"],
-        "fifo_best_val_acc": float(fifo_best["best_val_acc"]),
-        "fifo_rank_of_asha_best": fifo_rank_of_asha_best,
-        "asha_best_params": asha["best_params"],
-        "fifo_best_params": {k.removeprefix("config/"): fifo_best[k] for k in keys},
-        "per_trial_asha": trials[["trial_id", *keys, "best_val_acc", "epochs_run", "stopped_early"]].to_dict("records"),
+        "schedulers": table,
+        "fifo_best_val_acc": float(full.iloc[0]["best_val_acc"]),
+        "fifo_best_params": {k.removeprefix("config/"): full.iloc[0][k] for k in keys},
+        "per_trial_fifo": full[["trial_id", *keys, "best_val_acc", "epochs_run"]].to_dict("records"),
         "host": f"{platform.node()} {os.cpu_count()} CPUs",
         "load_avg_at_end": os.getloadavg()[0],
     }

@@ -121,7 +121,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config_path = args.config
     if args.resume:
-        storage = getattr(args, "train.storage_path", None) or cfgmod.TrainConfig.storage_path
+        storage = getattr(args, "train.storage_path", None) or cfgmod.TrainConfig.model_fields["storage_path"].default
         saved = Path(storage) / args.resume / "config.yaml"
         if config_path is None and saved.is_file():
             config_path = str(saved)
@@ -224,7 +224,11 @@ TUNE_FLAGS: dict[str, tuple[str, type, str]] = {
     "--tune-epochs": ("tune.epochs", int, "per-trial epoch budget (ASHA max_t)"),
     "--grace-period": ("tune.grace_period", int, "ASHA: epochs before a trial can be stopped"),
     "--reduction-factor": ("tune.reduction_factor", int, "ASHA: keep 1/N at each rung"),
-    "--trial-scheduler": ("tune.scheduler", str, "asha (pause + promote) | asha-stop (Ray's ASHAScheduler) | fifo"),
+    "--trial-scheduler": (
+        "tune.scheduler",
+        str,
+        "asha (pause + promote) | asha-stop (Ray's ASHAScheduler) | hyperband | bohb (Ray's) | fifo",
+    ),
     "--searcher": ("tune.searcher", str, "optuna (TPE) | random"),
     "--max-concurrent": ("tune.max_concurrent", int, "trials at once"),
     "--workers-per-trial": ("tune.workers_per_trial", int, "Ray Train workers per trial"),

@@ -24,6 +24,14 @@ DASHBOARD_PORT = 8265  # http:// addresses without a port (the job-submission / 
 GCS_PORT = 6379
 
 
+# An embedded Ray is a private one-machine cluster. Usage statistics would only try to reach the internet.
+# The dashboard stays: Ray Train polls its controller state through it (without it, every run logs
+# "Failed to query Ray Train Controller actor state"; ../shared/notes/ray.md). bench/ray_startup.py measures
+# what the dashboard, the metrics pipeline and log forwarding cost a local run.
+EMBEDDED_ENV = {"RAY_USAGE_STATS_ENABLED": "0"}
+EMBEDDED_OPTIONS: dict[str, object] = {}
+
+
 class ClusterError(ConnectionError):
     """A Ray cluster that was asked for and cannot be reached; the message names the address."""
 
@@ -76,6 +84,7 @@ def connect(
     num_cpus: int | None = None,
     env: Mapping[str, str] | None = None,
     namespace: str | None = None,
+    options: Mapping[str, object] | None = None,
 ) -> bool:
     """Join the cluster at `address`/RAY_ADDRESS, or start an embedded local Ray; True if it was embedded.
 
@@ -84,7 +93,8 @@ def connect(
     reach an embedded Ray, and variables the user already set win.
     Ray starts its workers at nice 15, so on a small machine every normal-priority process (the driver,
     Ray's daemons, an HTTP load generator) preempts the actual work. The embedded Ray is the whole job
-    here, so its workers run at normal priority (RAY_worker_niceness overrides)."""
+    here, so its workers run at normal priority (RAY_worker_niceness overrides). `options`: more ray.init
+    arguments for an embedded Ray (EMBEDDED_OPTIONS are the defaults; bench/ray_startup.py measures them)."""
     import ray
 
     if ray.is_initialized():
@@ -92,7 +102,7 @@ def connect(
     target = requested(address)
     if target is None:
         os.environ.setdefault("RAY_worker_niceness", "0")
-        for key, value in (env or {}).items():
+        for key, value in {**EMBEDDED_ENV, **(env or {})}.items():
             os.environ.setdefault(key, value)
     else:
         if env:
@@ -100,13 +110,10 @@ def connect(
         probe(target)
     saved = os.environ.pop("RAY_ADDRESS", None)  # Ray lets RAY_ADDRESS win over the address it is given
     try:
-        ray.init(
-            address=target or LOCAL,
-            num_cpus=num_cpus if target is None else None,
-            namespace=namespace,
-            logging_level=logging.WARNING,
-            log_to_driver=True,
-        )
+        kwargs = {"logging_level": logging.WARNING, "log_to_driver": True}
+        if target is None:
+            kwargs.update({**EMBEDDED_OPTIONS, **(options or {}), "num_cpus": num_cpus})
+        ray.init(address=target or LOCAL, namespace=namespace, **kwargs)
     finally:
         if saved is not None:
             os.environ["RAY_ADDRESS"] = saved

@@ -1,19 +1,19 @@
 """One typed settings object for every stage: YAML sets it, the CLI overrides it, each run saves it.
 
 Sections mirror the stages (data, model, train, tune), so a `best_config.yaml` written by the search is
-a complete config that `deepfake train --config` reads unchanged.
+a complete config that `deepfake train --config` reads unchanged. The sections are pydantic models (the
+settings system the Serve app's arguments use too): pydantic checks and converts every value, unknown keys
+are refused, and a bad value is a ConfigError that names its key.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent  # the source checkout (models/, serve_config.yaml, rayjobs/)
 
@@ -31,8 +31,13 @@ def locate(path: str | Path, accept=Path.exists) -> Path:
     return next((c for c in (Path.cwd() / p, REPO_ROOT / p) if accept(c)), Path.cwd() / p)
 
 
-@dataclass
-class DataConfig:
+class Section(BaseModel):
+    """A config section: typed fields with defaults; assignments are checked as well as construction."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
+
+
+class DataConfig(Section):
     path: str | None = None  # folder (ai/ + real/ or FAKE/ + REAL/), CSV manifest or .tar.gz; None: shipped sample
     val_ratio: float = 0.1
     test_ratio: float = 0.1
@@ -47,8 +52,7 @@ class DataConfig:
     allow_outside: bool = False  # a CSV manifest may name files outside its own folder (refused otherwise)
 
 
-@dataclass
-class ModelConfig:
+class ModelConfig(Section):
     arch: str = "efficientnet_b0"
     pretrained: str = "none"  # "none", "hub", or a path to weights (.safetensors, or a deepfake model dir)
     finetune: str = "all"  # "all", or "last:K": the last K blocks + head (the seed used last:3)
@@ -57,8 +61,7 @@ class ModelConfig:
     channels_last: bool = True
 
 
-@dataclass
-class TrainConfig:
+class TrainConfig(Section):
     epochs: int = 10
     batch_size: int = 128  # per step, over all workers
     optimizer: str = "adamw"  # adamw, adam, sgd (momentum), or any timm optimizer name
@@ -88,8 +91,7 @@ class TrainConfig:
     log_every: int = 20
 
 
-@dataclass
-class TuneConfig:
+class TuneConfig(Section):
     samples: int = 8
     epochs: int = 4  # per-trial budget (ASHA max_t)
     grace_period: int = 1
@@ -104,7 +106,7 @@ class TuneConfig:
     gpus_per_trial_worker: float = 0.0
     metric: str = "val_acc"
     mode: str = "max"
-    space: dict[str, Any] = field(
+    space: dict[str, Any] = Field(
         default_factory=lambda: {
             "optimizer": {"choice": ["adamw", "sgd", "adam"]},
             "lr": {"loguniform": [1e-4, 1e-2]},
@@ -116,15 +118,16 @@ class TuneConfig:
     name: str | None = None
 
 
-@dataclass
-class Config:
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    tune: TuneConfig = field(default_factory=TuneConfig)
+class Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return self.model_dump()
 
     def copy(self) -> Config:
         return from_dict(self.to_dict())
@@ -137,73 +140,64 @@ class Config:
         Path(path).write_text(self.to_yaml())
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check a YAML or CLI value against the field's annotation, converting strings from the CLI."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            if type(None) in args:
-                return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
-    if origin is dict or tp is dict:
-        if isinstance(value, str):
-            value = yaml.safe_load(value)
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
-            return value.lower() in ("true", "yes", "1")
-        raise ConfigError(f"{key}: expected true/false, got {value!r}")
-    if tp in (int, float):
-        what = "an integer" if tp is int else "a number"
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected {what}, got {value!r}")
-        if isinstance(value, int) or (isinstance(value, float) and (tp is float or value.is_integer())):
-            return tp(value)
-        if isinstance(value, str):
-            try:
-                return tp(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected {what}, got {value!r}")
-    if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
-    return value
+WHAT = {int: "an integer", float: "a number", bool: "true/false", str: "a string", dict: "a mapping"}
 
 
-def _section_types(section: Any) -> dict[str, Any]:
-    hints = typing.get_type_hints(type(section))
-    return {f.name: hints[f.name] for f in dataclasses.fields(section)}
+def _base_type(annotation: Any) -> Any:
+    """int for `int | None`, dict for `dict[str, Any]`, ..."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    origin = typing.get_origin(annotation)
+    if args and origin is not dict:
+        return _base_type(args[0])
+    return origin or annotation
 
 
-def set_value(cfg: Config, dotted: str, value: Any) -> None:
-    """Set `section.key` (e.g. `train.lr`) with type checking; unknown keys are an error, not ignored."""
+def set_value(cfg: Config, dotted: str, value: Any, label: str | None = None) -> None:
+    """Set `section.key` (e.g. `train.lr`), checked and converted by pydantic (CLI strings included: "7",
+    "false", "none", a YAML mapping); unknown keys are an error, not ignored. `label`: the key as the
+    user wrote it, for messages (default `dotted`)."""
     parts = dotted.split(".")
     if len(parts) != 2:
         raise ConfigError(f"{dotted}: expected section.key, e.g. train.lr")
     section_name, key = parts
-    section = getattr(cfg, section_name, None)
-    if section is None or not dataclasses.is_dataclass(section):
-        sections = ", ".join(f.name for f in dataclasses.fields(cfg))
-        raise ConfigError(f"unknown section {section_name!r} (known: {sections})")
-    types_ = _section_types(section)
-    if key not in types_:
-        raise ConfigError(f"unknown key {dotted!r} (known in {section_name}: {', '.join(types_)})")
-    setattr(section, key, _coerce(value, types_[key], dotted))
+    if section_name not in Config.model_fields:
+        raise ConfigError(f"unknown section {section_name!r} (known: {', '.join(Config.model_fields)})")
+    section = getattr(cfg, section_name)
+    fields = type(section).model_fields
+    if key not in fields:
+        raise ConfigError(f"unknown key {dotted!r} (known in {section_name}: {', '.join(fields)})")
+    annotation = fields[key].annotation
+    base = _base_type(annotation)
+    optional = type(None) in typing.get_args(annotation)
+    if isinstance(value, str):
+        if optional and value.strip().lower() in ("none", "null", ""):
+            value = None
+        elif base is dict:
+            value = yaml.safe_load(value)
+    label = label or dotted
+    if base is int and isinstance(value, float) and not value.is_integer():
+        raise ConfigError(f"{label}: expected an integer, got {value!r}")
+    if base is not bool and isinstance(value, bool):
+        raise ConfigError(f"{label}: expected {WHAT.get(base, base)}, got {value!r}")
+    try:
+        setattr(section, key, value)
+    except ValidationError as e:
+        detail = e.errors()[0]["msg"]
+        raise ConfigError(f"{label}: expected {WHAT.get(base, base)}, got {value!r} ({detail})") from None
+
+
+def coerce(dotted: str, value: Any, label: str | None = None) -> Any:
+    """`value` as the setting `dotted` would store it (checked and converted as set_value does)."""
+    cfg = Config()
+    set_value(cfg, dotted, value, label)
+    section, key = dotted.split(".")
+    return getattr(getattr(cfg, section), key)
+
+
+def fields(section: str) -> dict[str, Any]:
+    """A section's settings and their annotations (KeyError for an unknown section)."""
+    model = Config.model_fields[section].annotation
+    return {name: f.annotation for name, f in model.model_fields.items()}
 
 
 # Keys older configs carry that no longer mean anything (a saved run or model card still loads; nothing is set).

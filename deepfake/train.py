@@ -5,7 +5,6 @@ after a crash, resume by name) around the one loop in `deepfake.loop`, the same 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -262,7 +261,7 @@ def _fit_torch(cfg: Config, run_dir: Path, loop_config: dict[str, Any]):
 def export_best(cfg, best, metrics, history, rep, seconds, hardware: str, pretrained: str) -> Path:
     """The best checkpoint as a model folder; `pretrained` is fit's resolved model.pretrained."""
     dc = data_config(cfg.model.arch)
-    model = create_model(dataclasses.replace(cfg.model, pretrained="none"))  # the checkpoint sets every weight
+    model = create_model(cfg.model.model_copy(update={"pretrained": "none"}))  # the checkpoint sets every weight
     with best.as_directory() as d:
         ckpt_io.load_train_checkpoint(Path(d), model)
     keep = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc")

@@ -35,10 +35,10 @@ import pandas as pd
 from deepfake.config import (
     Config,
     ConfigError,
-    _coerce,
-    _section_types,
     at_least,
     check,
+    coerce,
+    fields,
     from_dict,
     one_of,
     set_value,
@@ -58,7 +58,8 @@ RESERVED = {
     "train.out": "trials export nothing; best_config.yaml is the result",
 }
 SEARCHERS = ("optuna", "random")
-SCHEDULERS = ("asha", "asha-stop", "fifo")
+SCHEDULERS = ("asha", "asha-stop", "hyperband", "bohb", "fifo")
+PAUSING = ("hyperband", "bohb")  # Ray's schedulers whose paused trials must not hold a concurrency slot
 EXPERIMENT_FILE = "search_config.yaml"
 DRIVER_CPU = 0.01  # a multi-worker trial's function only waits on its TorchTrainer (0 CPUs is refused by Tune)
 
@@ -78,10 +79,9 @@ def canonical_key(name: str) -> str:
 
 def _field_type(key: str) -> Any:
     section_name, _, field_name = key.partition(".")
-    section = getattr(Config(), section_name, None)
-    if section_name == "tune" or section is None or not hasattr(section, "__dataclass_fields__"):
+    if section_name not in ("data", "model", "train"):
         raise ConfigError(f"tune.space: {key!r} is not a tunable setting (use a data., model. or train. key)")
-    types_ = _section_types(section)
+    types_ = fields(section_name)
     if field_name not in types_:
         raise ConfigError(f"tune.space: unknown parameter {key!r} (known in {section_name}: {', '.join(types_)})")
     return types_[field_name]
@@ -112,7 +112,8 @@ def _numeric_pair(key: str, dist: str, args: Any) -> tuple[float, float]:
 
 def _check_value(key: str, value: Any) -> Any:
     """Coerce one candidate value to the field's type and reject values training would refuse later."""
-    value = _coerce(value, _field_type(key), f"tune.space.{key}")
+    _field_type(key)  # an unknown or untunable key is named first
+    value = coerce(key, value, f"tune.space.{key}")
     if key == "train.optimizer":
         from timm.optim import list_optimizers
 
@@ -434,16 +435,27 @@ def _trial(params: dict[str, Any], splits: dict, base: dict, train_storage: str)
     trainer.fit()
 
 
-def make_searcher(cfg: Config, specs: dict[str, ParamSpec], paused: set[str] | None = None, points=None):
+def make_searcher(
+    cfg: Config, specs: dict[str, ParamSpec], paused: set[str] | None = None, points=None, limit: bool = True
+):
     """Optuna TPE behind a concurrency limit; random search when asked, or when Optuna is missing.
 
     `paused`: the promoting scheduler's paused trials, which must not hold a concurrency slot.
-    `points` (benchmarks): evaluate exactly these configs, in order, with the random generator."""
+    `points` (benchmarks): evaluate exactly these configs, in order, with the random generator.
+    `limit=False` (Ray's pausing HyperBand schedulers, whose paused trials would hold a limiter's slots for
+    ever): no searcher-side limit; the trials' CPU/GPU requests bound how many run at once."""
     from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 
     from deepfake.asha import limit_active
 
     t = cfg.tune
+    if not limit:
+        if t.searcher == "optuna" and not points:
+            from ray.tune.search.optuna import OptunaSearch
+
+            return OptunaSearch(seed=cfg.train.seed)
+        kwargs = {"points_to_evaluate": points} if points else {"random_state": cfg.train.seed}
+        return BasicVariantGenerator(**kwargs)
     if t.searcher == "optuna" and not points:
         try:
             import optuna  # noqa: F401
@@ -468,7 +480,7 @@ def n_trials(cfg: Config, specs: dict[str, ParamSpec]) -> int:
 
 def make_scheduler(cfg: Config, specs: dict[str, ParamSpec], name: str):
     """The trial scheduler `name` (tune.scheduler) over the per-trial epoch budget."""
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, HyperBandForBOHB, HyperBandScheduler
 
     from deepfake.asha import PromotingASHA
 
@@ -488,6 +500,10 @@ def make_scheduler(cfg: Config, specs: dict[str, ParamSpec], name: str):
         return ASHAScheduler(
             time_attr="epoch", max_t=t.epochs, grace_period=t.grace_period, reduction_factor=t.reduction_factor
         )
+    if name == "hyperband":  # Ray's synchronous pausing HyperBand
+        return HyperBandScheduler(time_attr="epoch", max_t=t.epochs, reduction_factor=t.reduction_factor)
+    if name == "bohb":  # Ray's HyperBand variant for BOHB (pauses, promotes once a bracket's rung is full)
+        return HyperBandForBOHB(time_attr="epoch", max_t=t.epochs, reduction_factor=t.reduction_factor)
     return FIFOScheduler()
 
 
@@ -560,8 +576,10 @@ def run_search(
         if points:
             cfg = cfg.copy()
             cfg.tune.samples = len(points)
-        sched = make_scheduler(cfg, specs, scheduler or t.scheduler)
-        searcher = make_searcher(cfg, specs, getattr(sched, "paused", None), points)
+        name_ = scheduler or t.scheduler
+        sched = make_scheduler(cfg, specs, name_)
+        limit = name_ not in PAUSING
+        searcher = make_searcher(cfg, specs, getattr(sched, "paused", None), points, limit=limit)
         tuner = tune.Tuner(
             trainable,
             param_space=space,
@@ -572,7 +590,9 @@ def run_search(
                 search_alg=searcher,
                 scheduler=sched,
                 # BasicVariantGenerator limits itself (Tune ignores this for it, with a warning)
-                max_concurrent_trials=None if isinstance(searcher, BasicVariantGenerator) else t.max_concurrent,
+                max_concurrent_trials=None
+                if isinstance(searcher, BasicVariantGenerator) or not limit
+                else t.max_concurrent,
                 trial_dirname_creator=lambda trial: trial.trial_id,
             ),
             run_config=tune.RunConfig(

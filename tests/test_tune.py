@@ -80,6 +80,25 @@ def test_validate_checks_the_scheduler_settings():
         tm.validate(cfg)
 
 
+def test_every_scheduler_name_builds_rays_or_ours():
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, HyperBandForBOHB, HyperBandScheduler
+
+    from deepfake.asha import PromotingASHA
+
+    cfg = Config()
+    specs = tm.parse_space(cfg.tune.space)
+    kinds = {name: type(tm.make_scheduler(cfg, specs, name)) for name in tm.SCHEDULERS}
+    assert kinds == {
+        "asha": PromotingASHA,
+        "asha-stop": ASHAScheduler,
+        "hyperband": HyperBandScheduler,
+        "bohb": HyperBandForBOHB,
+        "fifo": FIFOScheduler,
+    }
+    # Ray's pausing schedulers get no searcher-side limit (a paused trial would hold its slot for ever)
+    assert tm.make_searcher(cfg, specs, limit=False).__class__.__name__ == "OptunaSearch"
+
+
 def test_trial_and_best_configs():
     base = Config()
     base.train.epochs, base.train.patience, base.tune.epochs = 12, 4, 3
