@@ -151,6 +151,26 @@ class PromotingASHA(FIFOScheduler):
         return f"PromotingASHA: rungs {{{sizes}}}, {len(self.paused)} paused"
 
 
+# The one place this module reads Ray Tune internals: the set of a searcher's live (not yet completed) trial
+# ids, which the limiters below count minus the paused ones. tests/test_asha.py checks these attributes exist,
+# so a Ray upgrade that renames them fails that test loudly instead of letting a search hang.
+RAY_INTERNALS = {ConcurrencyLimiter: "live_trials", BasicVariantGenerator: "_live_trials"}
+
+
+def live_trials(searcher: ConcurrencyLimiter | BasicVariantGenerator) -> set[str]:
+    """The trial ids `searcher` counts against its concurrency limit (Ray Tune internals, see RAY_INTERNALS)."""
+    for cls, attr in RAY_INTERNALS.items():
+        if isinstance(searcher, cls):
+            try:
+                return getattr(searcher, attr)
+            except AttributeError:
+                raise RuntimeError(
+                    f"ray.tune {cls.__name__} has no {attr!r} any more (a Ray upgrade?): deepfake.asha's limiter "
+                    "needs updating; use --trial-scheduler asha-stop or hyperband meanwhile"
+                ) from None
+    raise TypeError(f"not a Ray Tune limiter: {type(searcher).__name__}")
+
+
 class _ActiveLimiter(ConcurrencyLimiter):
     """A ConcurrencyLimiter that does not count paused trials."""
 
@@ -159,11 +179,11 @@ class _ActiveLimiter(ConcurrencyLimiter):
         self._paused = paused
 
     def suggest(self, trial_id: str) -> dict | None:
-        if len(self.live_trials - self._paused) >= self.max_concurrent:
+        if len(live_trials(self) - self._paused) >= self.max_concurrent:
             return None
         suggestion = self.searcher.suggest(trial_id)
         if suggestion not in (None, Searcher.FINISHED):
-            self.live_trials.add(trial_id)
+            live_trials(self).add(trial_id)
             self.num_unfinished_live_trials += 1
         return suggestion
 
@@ -177,7 +197,7 @@ class _ActiveVariantGenerator(BasicVariantGenerator):
 
     def next_trial(self):
         limit = self.max_concurrent
-        if limit > 0 and len(self._live_trials - self._paused) >= limit:
+        if limit > 0 and len(live_trials(self) - self._paused) >= limit:
             return None
         self.max_concurrent = 0  # the parent would count paused trials too
         try:

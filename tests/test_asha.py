@@ -146,3 +146,16 @@ def test_limiters_do_not_count_paused_trials():
     assert gen.next_trial().trial_id == "g1" and gen.next_trial() is None
     paused.add("g1")
     assert gen.next_trial().trial_id == "g2" and gen.max_concurrent == 1
+
+
+def test_the_ray_internals_the_limiters_read_still_exist():
+    """Fails loudly on a Ray upgrade that renames what deepfake.asha reads (its one use of Tune internals)."""
+    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    from deepfake import asha
+
+    for searcher in (BasicVariantGenerator(max_concurrent=2), ConcurrencyLimiter(OptunaSearch(), 2)):
+        live = asha.live_trials(searcher)
+        assert isinstance(live, set) and live == set()
+    assert set(asha.RAY_INTERNALS) == {ConcurrencyLimiter, BasicVariantGenerator}
