@@ -76,37 +76,56 @@ class Candidate:
     error: tuple[str, str] | None = None  # (reason, detail) when it is known unusable before reading
 
 
-def _discover_folder(root: Path) -> Iterator[Candidate]:
+def walk_folder(root: Path) -> Iterator[tuple[tuple[str, ...], Path]]:
+    """Every visible file under `root` in a stable order: (its folder parts relative to root, its path).
+    The one folder walk of training, evaluation and prediction."""
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not _hidden(d))
         rel_parts = Path(dirpath).relative_to(root).parts
-        label = _label_from_parts(rel_parts)
-        if label is None:
-            continue
         for name in sorted(filenames):
             if not _hidden(name):
-                yield Candidate(str(Path(dirpath) / name), label)
+                yield rel_parts, Path(dirpath) / name
+
+
+def stream_archive(
+    archive: str | Path, want: Callable[[str], bool] = lambda name: True
+) -> Iterator[tuple[str, bytes | None, str]]:
+    """(member name, bytes, "") for each visible file member that `want`s its name, front to back in one pass;
+    a member over the size cap comes as (name, None, "too_large: ...") unread. The one archive reader of
+    training, evaluation and prediction; a damaged archive raises tarfile/zlib/OSError to the caller."""
+    with tarfile.open(archive, mode="r:*") as tar:
+        for member in tar:
+            if not member.isfile() or any(_hidden(p) for p in PurePosixPath(member.name).parts):
+                continue
+            if not want(member.name):
+                continue
+            try:
+                check_size(f"{Path(archive).name}{ARCHIVE_SEP}{member.name}", member.size)
+            except FileTooLarge as e:
+                yield member.name, None, f"too_large: {e}"  # never read into memory
+                continue
+            f = tar.extractfile(member)
+            yield member.name, f.read() if f is not None else b"", ""
+
+
+def _discover_folder(root: Path) -> Iterator[Candidate]:
+    for rel_parts, path in walk_folder(root):
+        label = _label_from_parts(rel_parts)
+        if label is not None:
+            yield Candidate(str(path), label)
 
 
 def _discover_archive(archive: Path) -> Iterator[Candidate]:
-    with tarfile.open(archive, mode="r:*") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            parts = PurePosixPath(member.name).parts
-            if any(_hidden(p) for p in parts):
-                continue
-            label = _label_from_parts(parts[:-1])
-            if label is None:
-                continue
-            ref = f"{archive}{ARCHIVE_SEP}{member.name}"
-            try:
-                check_size(ref, member.size)
-            except FileTooLarge as e:
-                yield Candidate(ref, label, error=("too_large", str(e)))  # never read into memory
-                continue
-            f = tar.extractfile(member)
-            data = f.read() if f is not None else b""
+    def labelled(name: str) -> bool:
+        return _label_from_parts(PurePosixPath(name).parts[:-1]) is not None
+
+    for name, data, error in stream_archive(archive, labelled):
+        label = _label_from_parts(PurePosixPath(name).parts[:-1])
+        ref = f"{archive}{ARCHIVE_SEP}{name}"
+        if error:
+            reason, _, detail = error.partition(": ")
+            yield Candidate(ref, label, error=(reason, detail))
+        else:
             yield Candidate(ref, label, data)
 
 

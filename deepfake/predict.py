@@ -28,8 +28,8 @@ from tqdm import tqdm
 
 from deepfake.calibration import parse_operating_point
 from deepfake.checkpoint import CheckpointError, read_metadata
-from deepfake.data import DataError, is_archive, is_manifest, read_manifest
-from deepfake.files import FileTooLarge, check_size, read_capped, safe_cell, unsafe_cell
+from deepfake.data import DataError, is_archive, is_manifest, read_manifest, stream_archive, walk_folder
+from deepfake.files import FileTooLarge, read_capped, safe_cell, unsafe_cell
 from deepfake.images import IMAGE_SUFFIXES, BadImage, decode_image
 from deepfake.inference import Predictor, ensemble_version, model_version, score_images
 from deepfake.provenance import load_trust, read_provenance
@@ -152,14 +152,8 @@ def list_files(path: Path, allow_outside: bool = False) -> list[tuple[str, str]]
     """(output filename, file path) for every image under a folder (recursively), a manifest, or one file.
     `allow_outside`: a manifest may name files outside its own folder (data.read_manifest)."""
     if path.is_dir():
-        out = []
-        for dirpath, dirnames, filenames in os.walk(path):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and not d.startswith("__MACOSX"))
-            for name in sorted(filenames):
-                rel = (Path(dirpath) / name).relative_to(path).as_posix()
-                if is_image_name(rel):
-                    out.append((rel, str(Path(dirpath) / name)))
-        return out
+        rels = ((p.relative_to(path).as_posix(), p) for _, p in walk_folder(path))
+        return [(rel, str(p)) for rel, p in rels if is_image_name(rel)]
     if is_manifest(path):
         df = read_manifest(path, need_label=False, allow_outside=allow_outside)
         return list(zip(df["name"], df["path"]))
@@ -212,18 +206,9 @@ def read_archive(archive: str, skip: frozenset[str] | set[str]) -> Iterator[tupl
     """Stream image members front to back; a damaged archive ends with one error row instead of a crash."""
     n = 0
     try:
-        with tarfile.open(archive, mode="r:*") as tar:
-            for m in tar:
-                if not m.isfile() or not is_image_name(m.name) or m.name in skip:
-                    continue
-                try:
-                    check_size(f"{Path(archive).name}::{m.name}", m.size)
-                except FileTooLarge as e:
-                    yield m.name, None, f"too_large: {e}"  # skipped unread
-                    continue
-                f = tar.extractfile(m)
-                yield m.name, f.read() if f is not None else b"", ""
-                n += 1
+        for row in stream_archive(archive, lambda name: is_image_name(name) and name not in skip):
+            yield row
+            n += 1
     except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
         log.error("%s: archive unreadable after %d members: %s", archive, n, e)
         yield f"{Path(archive).name}::<after {n} members>", None, f"archive_damaged: {e}"
