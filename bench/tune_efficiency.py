@@ -33,7 +33,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 from report import emit  # noqa: E402 - bench/report.py, next to this script
 
-from deepfake.config import Config  # noqa: E402
+from deepfake.config import Config, ConfigError  # noqa: E402
 from deepfake.tune import run_search  # noqa: E402
 
 log = logging.getLogger("bench.tune_efficiency")
@@ -108,8 +108,13 @@ def main() -> None:
         {k.removeprefix("config/"): row[k].item() if hasattr(row[k], "item") else row[k] for k in keys}
         for _, row in first.sort_values("trial_id").iterrows()
     ]
+    skipped = {}
     for name in args.schedulers[1:]:
-        search(name, points)
+        try:
+            search(name, points)
+        except ConfigError as e:  # bohb without its optional packages
+            log.warning("%s skipped: %s", name, e)
+            skipped[name] = str(e)
     search("fifo", points)  # every trial to the full budget: the reference ranking
 
     full = runs["fifo"]["trials"]
@@ -145,6 +150,7 @@ def main() -> None:
         "reduction_factor": args.rf,
         "max_concurrent": args.max_concurrent,
         "schedulers": table,
+        "not_run": skipped,
         "fifo_best_val_acc": float(full.iloc[0]["best_val_acc"]),
         "fifo_best_params": {k.removeprefix("config/"): full.iloc[0][k] for k in keys},
         "per_trial_fifo": full[["trial_id", *keys, "best_val_acc", "epochs_run"]].to_dict("records"),

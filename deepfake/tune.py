@@ -232,6 +232,8 @@ def validate(cfg: Config) -> dict[str, ParamSpec]:
         raise ConfigError(f"tune.grace_period ({t.grace_period}) exceeds the per-trial budget tune.epochs ({t.epochs})")
     one_of("tune.mode", t.mode, ("min", "max"))
     one_of("tune.scheduler", t.scheduler, SCHEDULERS)
+    if t.scheduler == "bohb":
+        bohb_searcher(cfg)  # its optional packages missing: refused before Ray starts
     known = ("val_acc", "val_loss", "train_acc", "train_loss")
     if t.metric not in known:
         raise ConfigError(f"tune.metric: {t.metric!r} is not reported per epoch (one of {', '.join(known)})")
@@ -436,7 +438,12 @@ def _trial(params: dict[str, Any], splits: dict, base: dict, train_storage: str)
 
 
 def make_searcher(
-    cfg: Config, specs: dict[str, ParamSpec], paused: set[str] | None = None, points=None, limit: bool = True
+    cfg: Config,
+    specs: dict[str, ParamSpec],
+    paused: set[str] | None = None,
+    points=None,
+    limit: bool = True,
+    scheduler: str | None = None,
 ):
     """Optuna TPE behind a concurrency limit; random search when asked, or when Optuna is missing.
 
@@ -449,13 +456,15 @@ def make_searcher(
     from deepfake.asha import limit_active
 
     t = cfg.tune
+    if (scheduler or t.scheduler) == "bohb":
+        return bohb_searcher(cfg, points)
     if not limit:
-        if t.searcher == "optuna" and not points:
+        if t.searcher == "optuna" or points:
+            # a Searcher (HyperBandForBOHB calls its on_pause); given points are evaluated first, in order
             from ray.tune.search.optuna import OptunaSearch
 
-            return OptunaSearch(seed=cfg.train.seed)
-        kwargs = {"points_to_evaluate": points} if points else {"random_state": cfg.train.seed}
-        return BasicVariantGenerator(**kwargs)
+            return OptunaSearch(seed=cfg.train.seed, points_to_evaluate=points or None)
+        return BasicVariantGenerator(random_state=cfg.train.seed)
     if t.searcher == "optuna" and not points:
         try:
             import optuna  # noqa: F401
@@ -471,6 +480,20 @@ def make_searcher(
     if paused is not None:
         return limit_active(None, t.max_concurrent, paused, **kwargs)
     return BasicVariantGenerator(max_concurrent=t.max_concurrent, **kwargs)
+
+
+def bohb_searcher(cfg: Config, points=None):
+    """TuneBOHB, the only searcher HyperBandForBOHB works with (it calls the searcher's on_pause/on_unpause);
+    it needs the optional packages ConfigSpace and hpbandster."""
+    try:
+        from ray.tune.search.bohb import TuneBOHB
+
+        return TuneBOHB(seed=cfg.train.seed, points_to_evaluate=points or None)
+    except (ImportError, AssertionError) as e:
+        raise ConfigError(
+            f"tune.scheduler bohb needs Ray's TuneBOHB searcher and its packages (pip install ConfigSpace "
+            f"hpbandster): {e}"
+        ) from None
 
 
 def n_trials(cfg: Config, specs: dict[str, ParamSpec]) -> int:
@@ -502,7 +525,7 @@ def make_scheduler(cfg: Config, specs: dict[str, ParamSpec], name: str):
         )
     if name == "hyperband":  # Ray's synchronous pausing HyperBand
         return HyperBandScheduler(time_attr="epoch", max_t=t.epochs, reduction_factor=t.reduction_factor)
-    if name == "bohb":  # Ray's HyperBand variant for BOHB (pauses, promotes once a bracket's rung is full)
+    if name == "bohb":  # Ray's HyperBand variant for BOHB: it drives TuneBOHB (make_searcher) through pauses
         return HyperBandForBOHB(time_attr="epoch", max_t=t.epochs, reduction_factor=t.reduction_factor)
     return FIFOScheduler()
 
@@ -579,7 +602,7 @@ def run_search(
         name_ = scheduler or t.scheduler
         sched = make_scheduler(cfg, specs, name_)
         limit = name_ not in PAUSING
-        searcher = make_searcher(cfg, specs, getattr(sched, "paused", None), points, limit=limit)
+        searcher = make_searcher(cfg, specs, getattr(sched, "paused", None), points, limit=limit, scheduler=name_)
         tuner = tune.Tuner(
             trainable,
             param_space=space,

@@ -268,3 +268,17 @@ def test_killed_search_resumes_without_rerunning_finished_trials(ray_local, smal
     for t, text in before.items():
         assert (exp / t / "result.json").read_text() == text  # finished trials were not run again
     assert cfgmod.load(out / "best_config.yaml").train.lr in set(df["config/train.lr"])
+
+
+def test_bohb_without_its_packages_is_refused_up_front():
+    pytest.importorskip("ray.tune.search.bohb")
+    try:
+        import ConfigSpace  # noqa: F401
+        import hpbandster  # noqa: F401
+    except ImportError:
+        cfg = Config()
+        cfg.tune.scheduler = "bohb"
+        with pytest.raises(ConfigError, match="pip install ConfigSpace hpbandster"):
+            tm.validate(cfg)
+    else:
+        pytest.skip("ConfigSpace and hpbandster are installed here")
