@@ -422,6 +422,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         http_path=args.http_path,
         operating_point=args.operating_point,
         c2pa_trust=args.c2pa_trust,
+        api_keys=args.api_keys,
+        rate_limit=args.rate_limit,
     )
     return 0
 
@@ -595,7 +597,13 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--config", help="Serve config (default: serve_config.yaml in the cwd or the repository)")
     sv.add_argument("--model", metavar="DIR", help="model folder (overrides the config's args.model)")
     sv.add_argument("--port", type=int, help="HTTP port (overrides the config; default 8000)")
-    sv.add_argument("--host", help="HTTP host (default 127.0.0.1; 0.0.0.0 for other machines)")
+    sv.add_argument("--host", help="HTTP host (default 127.0.0.1; beyond it, set API keys)")
+    sv.add_argument(
+        "--api-keys",
+        metavar="FILE",
+        help="accepted API keys, one per line (or DEEPFAKE_API_KEYS); default: none needed",
+    )
+    sv.add_argument("--rate-limit", type=float, metavar="R", help="requests/s per API key (429 beyond it)")
     sv.add_argument("--address", help="Ray cluster address (default: an embedded local Ray)")
     sv.add_argument("--operating-point", "--threshold", dest="operating_point", help=OP_HELP)
     sv.add_argument("--c2pa-trust", metavar="PEM", help="trusted root certificates for C2PA signers")

@@ -20,6 +20,7 @@ import asyncio
 import base64
 import io
 import logging
+import math
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -35,6 +36,7 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 
+from deepfake.auth import RateLimiter, load_keys, presented_key
 from deepfake.config import REPO_ROOT, locate
 from deepfake.images import MAX_PIXELS, BadImage, decode_image
 from deepfake.provenance import load_trust, read_provenance
@@ -83,6 +85,11 @@ class ServeArgs(BaseModel):
     retries: int = Field(2, ge=0, description="re-sends of a call whose replica died mid-request")
     provenance: bool = Field(True, description="report C2PA / generator metadata beside each verdict")
     c2pa_trust: str | None = Field(None, description="PEM file of trusted C2PA signer roots (none: none trusted)")
+    api_keys_file: str | None = Field(
+        None, description="file of accepted API keys (or DEEPFAKE_API_KEYS); none given: no key required"
+    )
+    rate_limit: float | None = Field(None, gt=0, description="requests/s per API key (per client without keys)")
+    rate_burst: int | None = Field(None, ge=1, description="requests a key may send at once (default: rate_limit)")
     # Deployment option overrides (tests, scripts); serve_config.yaml uses its `deployments:` section instead.
     detector_options: dict[str, Any] = {}
     explainer_options: dict[str, Any] = {}
@@ -92,10 +99,16 @@ class ServeArgs(BaseModel):
 class HTTPError(Exception):
     """An error that becomes a JSON response: {"error": tag, "detail": text, ...extra}."""
 
-    def __init__(self, status: int, error: str, detail: str = "", **extra: Any):
+    def __init__(self, status: int, error: str, detail: str = "", headers: dict[str, str] | None = None, **extra: Any):
         super().__init__(detail or error)
         self.status = status
+        self.headers = headers or {}
         self.body = {"error": error, "detail": detail, **extra}
+
+
+# Routes anyone may call when the server requires keys: the health probe of load balancers, and the page,
+# which asks the user for a key.
+OPEN_ROUTES = {("GET", "/healthz"), ("GET", "/"), ("GET", "/index.html")}
 
 
 # ---------------------------------------------------------------------------------------------- pure helpers
@@ -377,6 +390,9 @@ class Ingress:
         self.provenance = bool(settings.get("provenance", True))
         self.c2pa_trust = load_trust(settings.get("c2pa_trust"))
         self.page = resources.files("deepfake").joinpath("static/index.html").read_bytes()
+        self.keys = load_keys(settings.get("api_keys_file"))
+        rate = settings.get("rate_limit")
+        self.limiter = RateLimiter(rate, settings.get("rate_burst")) if rate else None
         self.statuses: Counter[int] = Counter()
         self.retried = 0
 
@@ -384,7 +400,7 @@ class Ingress:
         try:
             resp = await self._route(request)
         except HTTPError as e:
-            resp = JSONResponse(e.body, status_code=e.status)
+            resp = JSONResponse(e.body, status_code=e.status, headers=e.headers)
         except Exception as e:  # noqa: BLE001 - the one place every unexpected failure becomes a JSON 5xx
             from ray.serve.exceptions import BackPressureError
 
@@ -417,7 +433,31 @@ class Ingress:
                 allowed = ", ".join(m for m, p in routes if p == path)
                 raise HTTPError(405, "method_not_allowed", f"{method} {path}: use {allowed}")
             raise HTTPError(404, "not_found", f"no route {path}; see GET / for the page, POST /predict, /explain")
+        if (method, path) not in OPEN_ROUTES:
+            self._admit(request)
         return await handler(request)
+
+    def _admit(self, request: Request) -> None:
+        """The API key check (401) and the per-key rate limit (429 with Retry-After)."""
+        who = None
+        if self.keys.required:
+            who = self.keys.identify(presented_key(request.headers))
+            if who is None:
+                raise HTTPError(
+                    401,
+                    "unauthorized",
+                    "this server needs an API key: send it as 'Authorization: Bearer KEY' or 'X-API-Key: KEY'",
+                    headers={"WWW-Authenticate": 'Bearer realm="deepfake"'},
+                )
+        if self.limiter is not None:
+            wait = self.limiter.take(who or (request.client.host if request.client else "anonymous"))
+            if wait > 0:
+                raise HTTPError(
+                    429,
+                    "rate_limited",
+                    f"over {self.limiter.rate:g} requests/s for this key; retry in {wait:.1f} s",
+                    headers={"Retry-After": str(max(1, math.ceil(wait)))},
+                )
 
     # ---- routes
     async def _page(self, request: Request) -> Response:
@@ -629,10 +669,22 @@ def build_app(args: ServeArgs | dict[str, Any] | None = None) -> serve.Applicati
         ).bind(model_dir, a.device, a.explain_batch_size, a.warmup, a.operating_point)
     )
     settings = a.model_dump(
-        include={"max_body_bytes", "max_pixels", "max_files", "retries", "provenance", "c2pa_trust"}
+        include={
+            "max_body_bytes",
+            "max_pixels",
+            "max_files",
+            "retries",
+            "provenance",
+            "c2pa_trust",
+            "api_keys_file",
+            "rate_limit",
+            "rate_burst",
+        }
     )
     if a.c2pa_trust:
         settings["c2pa_trust"] = str(locate(a.c2pa_trust))  # replicas run elsewhere: an absolute path
+    if a.api_keys_file:
+        settings["api_keys_file"] = str(locate(a.api_keys_file))
     # A changed model path restarts every deployment. Serve's default rollout stops the old replica before
     # its replacement has loaded the model (20 s on a busy 2-CPU machine), and the old Ingress, drained with
     # requests still waiting on the gone Detector, was killed after 20 s: a 500. With surge, old replicas
@@ -661,7 +713,8 @@ def check_app_args(args: dict[str, Any]) -> str:
     model_dir = str(resolve_model_dir(args.get("model")))
     try:
         load_trust(locate(args["c2pa_trust"]) if args.get("c2pa_trust") else None)
-    except ValueError as e:
+        load_keys(locate(args["api_keys_file"]) if args.get("api_keys_file") else None)
+    except ValueError as e:  # ProvenanceError, AuthError
         raise ConfigError(str(e)) from None
     try:
         parse_operating_point(
@@ -840,6 +893,24 @@ def start_local(spec: dict[str, Any], address: str | None = None, http_path: str
     return f"http://{host}:{http.get('port', 8000)}{prefix}"
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def warn_if_open(spec: dict[str, Any]) -> bool:
+    """Warn (and return True) when the app listens beyond this machine and anyone who reaches it may use it."""
+    host = (spec.get("http_options") or {}).get("host") or "127.0.0.1"
+    args = spec.get("args") or {}
+    keyed = load_keys(locate(args["api_keys_file"]) if args.get("api_keys_file") else None).required
+    if host in LOOPBACK or keyed:
+        return False
+    log.warning(
+        "listening on %s with no API keys: anyone who can reach this port can use the model. Set --api-keys FILE "
+        "(or DEEPFAKE_API_KEYS) and --rate-limit, or bind to 127.0.0.1 behind an authenticating proxy",
+        host,
+    )
+    return True
+
+
 def run_local(
     config: str | None = None,
     model: str | None = None,
@@ -849,6 +920,8 @@ def run_local(
     http_path: str = "auto",
     operating_point: str | None = None,
     c2pa_trust: str | None = None,
+    api_keys: str | None = None,
+    rate_limit: float | None = None,
 ) -> None:
     """`deepfake serve`: deploy the config's application and block until Ctrl-C."""
     import ray
@@ -856,7 +929,12 @@ def run_local(
     spec = load_serve_config(find_config(config), model=model, port=port, host=host, operating_point=operating_point)
     if c2pa_trust:
         spec["args"]["c2pa_trust"] = str(Path(c2pa_trust).resolve())
+    if api_keys:
+        spec["args"]["api_keys_file"] = str(Path(api_keys).resolve())
+    if rate_limit:
+        spec["args"]["rate_limit"] = rate_limit
     check_app_args(spec["args"])  # a missing model or unknown operating point fails before Ray starts
+    warn_if_open(spec)
     try:
         url = start_local(spec, address=address, http_path=http_path)
         logging.getLogger("deepfake").info("serving %s at %s/ (Ctrl-C to stop)", spec["args"].get("model"), url)

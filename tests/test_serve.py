@@ -67,12 +67,17 @@ def serve_args(model_dir: Path, **kw) -> dict:
     }
 
 
+API_KEY = "test-key-0123456789abcdef"
+
+
 @pytest.fixture(scope="module")
-def app_url(ray_local, trained_model_dir):
+def app_url(ray_local, trained_model_dir, tmp_path_factory):
     from ray import serve
 
     from deepfake.serve import build_app
 
+    keys = tmp_path_factory.mktemp("keys") / "keys.txt"
+    keys.write_text(f"tester:{API_KEY}\n")
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(
@@ -99,9 +104,27 @@ def app_url(ray_local, trained_model_dir):
         route_prefix="/tiny",
         blocking=False,
     )
+    # A third one that needs an API key and allows 1 request/s per key, 3 at once.
+    serve.run(
+        build_app(
+            serve_args(
+                trained_model_dir,
+                warmup=False,
+                explain=False,
+                detector_num_cpus=0.1,
+                api_keys_file=str(keys),
+                rate_limit=1.0,
+                rate_burst=3,
+            )
+        ),
+        name="locked",
+        route_prefix="/locked",
+        blocking=False,
+    )
     url = f"http://127.0.0.1:{port}"
     wait_healthy(url)
     wait_healthy(url + "/tiny")
+    wait_healthy(url + "/locked")
     yield url
     serve.shutdown()
 
@@ -574,3 +597,30 @@ def test_http_path_falls_back_to_the_proxy_when_haproxys_ports_are_taken(monkeyp
     assert http_path_env("auto") == FAST_HTTP_ENV and http_path_env("proxy") == {}
     with pytest.raises(ConfigError, match="expected one of"):
         http_path_env("nginx")
+
+
+def test_api_keys_and_rate_limits(app_url, sample_dir):
+    url, body = f"{app_url}/locked", sample_image(sample_dir).read_bytes()
+    no_key = httpx.post(f"{url}/predict", content=body, timeout=60)
+    assert no_key.status_code == 401 and no_key.json()["error"] == "unauthorized"
+    assert no_key.headers["WWW-Authenticate"].startswith("Bearer")
+    assert (
+        httpx.post(f"{url}/predict", content=body, headers={"X-API-Key": "wrong-0123456789abcdef"}).status_code == 401
+    )
+    assert httpx.get(f"{url}/model", timeout=30).status_code == 401  # only the health probe and the page are open
+    assert (
+        httpx.get(f"{url}/healthz", timeout=30).status_code == 200
+        and httpx.get(f"{url}/", timeout=30).status_code == 200
+    )
+    ok = [
+        httpx.post(f"{url}/predict", content=body, headers=h, timeout=60)
+        for h in ({"Authorization": f"Bearer {API_KEY}"}, {"X-API-Key": API_KEY}, {"X-API-Key": API_KEY})
+    ]
+    assert [r.status_code for r in ok] == [200, 200, 200]
+    assert ok[0].json()["results"][0]["verdict"] in ("ai", "real", "uncertain")
+    limited = httpx.post(f"{url}/predict", content=body, headers={"X-API-Key": API_KEY}, timeout=60)
+    assert limited.status_code == 429 and limited.json()["error"] == "rate_limited"
+    assert int(limited.headers["Retry-After"]) >= 1
+    time.sleep(float(limited.headers["Retry-After"]) + 0.1)
+    assert httpx.post(f"{url}/predict", content=body, headers={"X-API-Key": API_KEY}, timeout=60).status_code == 200
+    assert httpx.post(f"{app_url}/predict", content=body, timeout=60).status_code == 200  # the open app stays open

@@ -105,17 +105,25 @@ def browser(tmp_path):
             proc.kill()
 
 
+WEB_KEY = "web-key-0123456789abcdef"
+
+
 @pytest.fixture(scope="module")
-def web_url(ray_local, calibrated_model_dir):
+def web_url(ray_local, calibrated_model_dir, tmp_path_factory):
     from ray import serve
 
     from deepfake.serve import build_app
 
+    keys = tmp_path_factory.mktemp("webkeys") / "keys.txt"
+    keys.write_text(WEB_KEY + "\n")
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(serve_args(calibrated_model_dir)), name="web", route_prefix="/", blocking=False)
+    locked = serve_args(calibrated_model_dir, warmup=False, explain=False, detector_num_cpus=0.1)
+    serve.run(build_app({**locked, "api_keys_file": str(keys)}), name="locked", route_prefix="/locked", blocking=False)
     url = f"http://127.0.0.1:{port}"
     wait_healthy(url)
+    wait_healthy(url + "/locked")
     yield url
     serve.shutdown()
 
@@ -268,3 +276,29 @@ def test_bad_file_shows_error(browser, web_url, tmp_path):
     status = browser.eval("document.getElementById('status').textContent")
     assert "415" in status and "not_an_image" in status
     assert browser.eval("getComputedStyle(document.getElementById('result')).display") == "none"
+
+
+def test_page_asks_for_the_api_key_when_the_server_needs_one(browser, web_url, sample_dir):
+    image = sorted((sample_dir / "REAL").iterdir())[0]
+    browser("Page.enable")
+    browser("Page.navigate", url=web_url + "/locked/")
+    wait_for(browser, "document.readyState === 'complete' && !!document.getElementById('file')")
+    browser.eval("sessionStorage.clear()")
+    assert browser.eval("document.getElementById('keyform').hidden") is True
+    doc = browser("DOM.getDocument")
+    node = browser("DOM.querySelector", nodeId=doc["root"]["nodeId"], selector="#file")["nodeId"]
+    browser("DOM.setFileInputFiles", files=[str(image)], nodeId=node)
+    assert wait_for(browser, "document.body.dataset.state === 'needs-key' && document.body.dataset.state")
+    assert browser.eval("document.getElementById('keyform').hidden") is False
+    assert "needs an API key" in browser.eval("document.getElementById('status').textContent")
+    browser.eval(
+        f"document.getElementById('apikey').value = {WEB_KEY!r};document.getElementById('keyform').requestSubmit()"
+    )
+    state = wait_for(browser, "['done', 'error'].includes(document.body.dataset.state) && document.body.dataset.state")
+    assert state == "done", browser.eval("document.getElementById('status').textContent")
+    assert browser.eval("document.getElementById('verdict').dataset.verdict") in ("ai", "real", "uncertain")
+    assert browser.eval("document.getElementById('keyform').hidden") is True
+    assert browser.eval("sessionStorage.getItem('deepfakeApiKey')") == WEB_KEY
+    shot = browser("Page.captureScreenshot", format="png")["data"]
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / "web_api_key.png").write_bytes(base64.b64decode(shot))
