@@ -11,6 +11,11 @@ import io
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+# The formats accepted anywhere (Pillow's JPEG reader also takes the multi-picture JPEGs, MPO, that phones
+# and cameras write). Pillow knows dozens more (EPS through Ghostscript, PSD, ICO, ...); none is a photo
+# format worth the attack surface.
+FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+
 # Above this many pixels an image is refused as a likely decompression bomb. PIL's own limit (89 Mpx)
 # only warns below twice its value; we refuse at the limit itself.
 MAX_PIXELS = 40_000_000
@@ -53,10 +58,13 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
     if not data:
         raise BadImage("empty", "zero bytes")
     try:
-        img = Image.open(io.BytesIO(data))
+        img = Image.open(io.BytesIO(data), formats=FORMATS)
     except Image.DecompressionBombError as e:
         raise BadImage("decompression_bomb", str(e)) from None
     except UnidentifiedImageError:
+        other = _identify(data)
+        if other:
+            raise BadImage("unsupported_format", f"{other} is not accepted (use {', '.join(FORMATS)})") from None
         raise BadImage("not_an_image", "unrecognised image format") from None
     except Exception as e:  # noqa: BLE001 - PIL raises many types for junk headers
         raise BadImage(_classify(e, "not_an_image"), str(e)) from None
@@ -70,6 +78,15 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
         raise BadImage("decompression_bomb", str(e)) from None
     except Exception as e:  # noqa: BLE001 - OSError, SyntaxError, ValueError... from the decoders
         raise BadImage(_classify(e, "corrupt"), str(e)) from None
+
+
+def _identify(data: bytes) -> str | None:
+    """The format Pillow would read `data` as, from its header alone (nothing is decoded), or None."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.format
+    except Exception:  # noqa: BLE001 - not an image at all
+        return None
 
 
 def _classify(e: Exception, default: str) -> str:

@@ -48,6 +48,7 @@ log = logging.getLogger("ray.serve")
 STATUS_FOR_REASON = {
     "empty": 400,
     "not_an_image": 415,
+    "unsupported_format": 415,
     "truncated": 400,
     "corrupt": 400,
     "decompression_bomb": 413,
@@ -104,6 +105,32 @@ class HTTPError(Exception):
         self.status = status
         self.headers = headers or {}
         self.body = {"error": error, "detail": detail, **extra}
+
+
+# Sent with every response: no MIME sniffing, no framing by other sites, scripts/styles/images only from here
+# (the page's own inline script and style, and the blob: URLs it makes for the uploaded image and heatmap).
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Content-Security-Policy": (
+        "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
+        "img-src 'self' blob: data:; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+    ),
+}
+
+# Keys of the model metadata that hold paths of the machine that trained or serves the model: /model leaves
+# them out, so the endpoint does not map the server's (or the trainer's) file system for its callers.
+PRIVATE_KEYS = {"path", "out", "storage_path", "file", "pretrained", "run_dir", "source", "skipped_files"}
+
+
+def public_meta(value: Any) -> Any:
+    """The metadata without PRIVATE_KEYS, at any depth."""
+    if isinstance(value, dict):
+        return {k: public_meta(v) for k, v in value.items() if k not in PRIVATE_KEYS}
+    if isinstance(value, list):
+        return [public_meta(v) for v in value]
+    return value
 
 
 # Routes anyone may call when the server requires keys: the health probe of load balancers, and the page,
@@ -382,6 +409,7 @@ class Ingress:
         self.model_dir = model_dir
         self.meta = read_metadata(model_dir)
         self.version = model_version(self.meta)
+        self.public_meta = public_meta(self.meta)
         self.classes = list(self.meta["classes"])
         self.max_body = int(settings["max_body_bytes"])
         self.max_pixels = int(settings["max_pixels"])
@@ -414,6 +442,7 @@ class Ingress:
                 log.exception("request failed")
                 resp = JSONResponse({"error": "internal", "detail": type(e).__name__}, status_code=500)
         self.statuses[resp.status_code] += 1
+        resp.headers.update(SECURITY_HEADERS)
         return resp
 
     async def _route(self, request: Request) -> Response:
@@ -471,7 +500,7 @@ class Ingress:
         return JSONResponse({"status": "ok", "model": self.version})
 
     async def _model(self, request: Request) -> Response:
-        return JSONResponse({"version": self.version, "path": self.model_dir, "meta": self.meta})
+        return JSONResponse({"version": self.version, "meta": self.public_meta})
 
     async def _stats(self, request: Request) -> Response:
         det = await self._call(self.detector.stats)

@@ -114,6 +114,19 @@ def test_decode_raises_with_reason(reason, data):
     assert e.value.reason == reason
 
 
+@pytest.mark.parametrize("fmt", ["ICO", "PCX", "TGA", "PPM", "EPS"])
+def test_formats_outside_the_allow_list_are_refused_by_name(fmt):
+    data = _encode(Image.new("RGB", (16, 16), (200, 30, 30)), fmt)
+    with pytest.raises(BadImage) as e:
+        decode_image(data)
+    assert e.value.reason == "unsupported_format" and fmt in str(e.value)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"])
+def test_the_allowed_formats_decode(fmt):
+    assert decode_image(_encode(Image.new("RGB", (16, 16), (200, 30, 30)), fmt)).size == (16, 16)
+
+
 # ------------------------------------------------------------------------------------------ odd modes
 def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
     buf = io.BytesIO()

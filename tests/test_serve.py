@@ -358,12 +358,16 @@ def test_routing_and_form_errors(app_url):
 def test_model_card_page_and_health(app_url, trained_model_dir):
     from deepfake.checkpoint import read_metadata
 
-    card = httpx.get(f"{app_url}/model").json()
+    resp = httpx.get(f"{app_url}/model")
+    card = resp.json()
     meta = read_metadata(trained_model_dir)
     assert card["meta"]["arch"] == meta["arch"] and card["meta"]["classes"] == ["ai", "real"]
-    assert card["path"] == str(Path(trained_model_dir).resolve())
+    assert "path" not in card and str(Path(trained_model_dir).parent) not in resp.text  # no server paths
     page = httpx.get(f"{app_url}/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    for r in (resp, page, httpx.get(f"{app_url}/nope")):
+        assert r.headers["X-Content-Type-Options"] == "nosniff" and r.headers["X-Frame-Options"] == "DENY"
+        assert "frame-ancestors 'none'" in r.headers["Content-Security-Policy"]
     assert 'id="file"' in page.text and "explain" in page.text
     assert httpx.get(f"{app_url}/healthz").json() == {"status": "ok", "model": card["version"]}
 
