@@ -832,6 +832,10 @@ FAST_HTTP_ENV = {
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
     "RAY_SERVE_HAPROXY_NBTHREAD": "1",  # one thread forwards thousands of req/s; more only compete for cores
     "RAY_SERVE_HAPROXY_METRICS_ENABLED": "0",  # else a Python actor parses a log line per request
+    # Ray's defaults let a client hold a connection for an hour (timeout client 3600 s): a few slow clients
+    # would pin HAProxy's connections. A request's upload must arrive within 30 s; an answer within 300 s.
+    "RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S": "30",
+    "RAY_SERVE_HAPROXY_TIMEOUT_SERVER_S": "300",
 }
 HTTP_PATHS = ("auto", "haproxy", "proxy")
 

@@ -546,7 +546,9 @@ def test_deepfake_serve_takes_the_fast_http_path(trained_model_dir, sample_dir, 
         bad = httpx.post(f"{url}/predict", content=b"not an image", timeout=30)
         assert bad.status_code == 415 and "error" in bad.json()
         # an HAProxy of this run forwards the traffic (the proxy path would have none)
-        assert any(f":{port}" in text for _, text in _haproxy_configs()), _haproxy_configs()
+        ours = [text for _, text in _haproxy_configs() if f":{port}" in text]
+        assert ours, _haproxy_configs()
+        assert "timeout client 30s" in ours[0] and "timeout server 300s" in ours[0]  # not Ray's 1-hour default
         proc.send_signal(signal.SIGINT)  # Ctrl-C: deepfake serve shuts Serve down, HAProxy included
         assert proc.wait(timeout=120) in (0, 130)
         assert not any(f":{port}" in text for _, text in _haproxy_configs())
