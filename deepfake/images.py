@@ -80,6 +80,15 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
         raise BadImage(_classify(e, "corrupt"), str(e)) from None
 
 
+def pixel_count(data: bytes) -> int:
+    """Width x height from the header alone (nothing is decoded); 0 when it is not an accepted image."""
+    try:
+        with Image.open(io.BytesIO(data), formats=FORMATS) as img:
+            return img.width * img.height
+    except Exception:  # noqa: BLE001 - decode_image will say why
+        return 0
+
+
 def _identify(data: bytes) -> str | None:
     """The format Pillow would read `data` as, from its header alone (nothing is decoded), or None."""
     try:

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import logging
 import math
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -38,7 +40,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 
 from deepfake.auth import RateLimiter, load_keys, presented_key
 from deepfake.config import REPO_ROOT, locate
-from deepfake.images import MAX_PIXELS, BadImage, decode_image
+from deepfake.images import MAX_PIXELS, BadImage, decode_image, pixel_count
 from deepfake.provenance import load_trust, read_provenance
 
 log = logging.getLogger("ray.serve")
@@ -76,6 +78,9 @@ class ServeArgs(BaseModel):
     explain_batch_size: int = Field(4, ge=1)
     max_body_bytes: int = Field(10 * 2**20, ge=1)
     max_pixels: int = Field(MAX_PIXELS, ge=1)
+    max_request_pixels: int = Field(
+        2 * MAX_PIXELS, ge=1, description="pixels of all the files of one request together, read from the headers"
+    )
     max_files: int = Field(32, ge=1)
     warmup: bool = True
     jit: bool = Field(True, description="CPU Detectors run the model traced (see inference.jit_module)")
@@ -413,6 +418,7 @@ class Ingress:
         self.classes = list(self.meta["classes"])
         self.max_body = int(settings["max_body_bytes"])
         self.max_pixels = int(settings["max_pixels"])
+        self.max_request_pixels = int(settings.get("max_request_pixels") or 2 * MAX_PIXELS)
         self.max_files = int(settings["max_files"])
         self.retries = int(settings["retries"])
         self.provenance = bool(settings.get("provenance", True))
@@ -609,6 +615,14 @@ class Ingress:
             uploads = [(request.query_params.get("filename") or "upload", body)]
 
         def decode_all() -> list[tuple[str, Image.Image, dict[str, Any] | None]]:
+            total = sum(pixel_count(data) for _, data in uploads)  # headers only: refused before decoding
+            if total > self.max_request_pixels:
+                raise HTTPError(
+                    413,
+                    "too_many_pixels",
+                    f"the {len(uploads)} file(s) hold {total / 1e6:.1f} Mpx together; this server decodes at most "
+                    f"{self.max_request_pixels / 1e6:.0f} Mpx per request",
+                )
             out, bad = [], []
             for name, data in uploads:
                 try:
@@ -701,6 +715,7 @@ def build_app(args: ServeArgs | dict[str, Any] | None = None) -> serve.Applicati
         include={
             "max_body_bytes",
             "max_pixels",
+            "max_request_pixels",
             "max_files",
             "retries",
             "provenance",
@@ -882,6 +897,54 @@ def _haproxy_side_ports() -> list[int]:
     ]
 
 
+def _proc_text(pid: int | str, name: str) -> str:
+    try:
+        return Path(f"/proc/{pid}/{name}").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def orphaned_haproxies(ports: list[int]) -> list[int]:
+    """Pids of HAProxy processes that bind one of `ports` and whose Ray parent is gone: what a killed
+    `deepfake serve` leaves (Ray starts HAProxy in its own session, so it outlives a SIGKILLed driver, keeps
+    the port and answers 500 to everything). A live Serve's HAProxy has a live Ray process as its parent."""
+    found = []
+    for comm in Path("/proc").glob("[0-9]*/comm"):
+        pid = comm.parent.name
+        if _proc_text(pid, "comm").strip() != "haproxy":
+            continue
+        args = _proc_text(pid, "cmdline").split()
+        configs = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "-f"]
+        text = "".join(Path(c).read_text(errors="replace") for c in configs if Path(c).is_file())
+        if not any(f":{port}\n" in text or f":{port} " in text for port in ports):
+            continue
+        stat = _proc_text(pid, "stat")
+        ppid = int(stat[stat.rindex(")") + 2 :].split()[1]) if ")" in stat else 1
+        parent = _proc_text(ppid, "cmdline")
+        if ppid == 1 or "ray" not in parent:
+            found.append(int(pid))
+    return found
+
+
+def reap_orphaned_haproxies(ports: list[int]) -> list[int]:
+    """Stop the HAProxy processes a crashed `deepfake serve` left on `ports` (see orphaned_haproxies)."""
+    import os
+    import signal
+
+    pids = orphaned_haproxies(ports)
+    for pid in pids:
+        log.warning("stopping HAProxy %d left on port(s) %s by a Serve that is gone", pid, ports)
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 5
+    while pids and time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
+        time.sleep(0.1)
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    return pids
+
+
 def _port_free(port: int) -> bool:
     import socket
 
@@ -900,8 +963,10 @@ def start_local(spec: dict[str, Any], address: str | None = None, http_path: str
 
     from deepfake import cluster
 
-    env = http_path_env(http_path)
     fresh = not ray.is_initialized() and cluster.is_embedded(address)
+    if fresh and http_path != "proxy" and sys.platform.startswith("linux"):
+        reap_orphaned_haproxies([int(spec["http_options"].get("port", 8000)), *_haproxy_side_ports()])
+    env = http_path_env(http_path)
     cluster.connect(address, env=env)  # the embedded Ray's processes inherit `env`; variables the user set win
     if env:
         log.info(

@@ -528,7 +528,10 @@ def test_serve_deploy_config_and_rolling_model_swap(ray_head, trained_model_dir,
 @pytest.mark.slow
 def test_deepfake_serve_takes_the_fast_http_path(trained_model_dir, sample_dir, tmp_path):
     """`deepfake serve` on its embedded Ray: HAProxy answers on the configured port and forwards to the
-    Ingress replica's own HTTP server; predict and the web page work through it."""
+    Ingress replica's own HTTP server; predict and the web page work through it. Killed with SIGKILL, it
+    restarts on the same port (the HAProxy it left is stopped); Ctrl-C leaves nothing behind."""
+    from deepfake.serve import orphaned_haproxies
+
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", **_haproxy_side_port_env()}
@@ -549,6 +552,14 @@ def test_deepfake_serve_takes_the_fast_http_path(trained_model_dir, sample_dir, 
         ours = [text for _, text in _haproxy_configs() if f":{port}" in text]
         assert ours, _haproxy_configs()
         assert "timeout client 30s" in ours[0] and "timeout server 300s" in ours[0]  # not Ray's 1-hour default
+        # killed as the OOM killer would: Ray's HAProxy, in a session of its own, outlives it and keeps the port
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+        assert orphaned_haproxies([port]), "the scenario needs the HAProxy that a SIGKILL leaves behind"
+        # started again on the same port: it stops that HAProxy and becomes healthy
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        wait_healthy(url, timeout=240)
+        assert httpx.post(f"{url}/predict", content=img, timeout=60).status_code == 200
         proc.send_signal(signal.SIGINT)  # Ctrl-C: deepfake serve shuts Serve down, HAProxy included
         assert proc.wait(timeout=120) in (0, 130)
         assert not any(f":{port}" in text for _, text in _haproxy_configs())
@@ -558,7 +569,9 @@ def test_deepfake_serve_takes_the_fast_http_path(trained_model_dir, sample_dir, 
             proc.wait()
         _kill_stale_haproxy(env["RAY_SERVE_HAPROXY_STATS_PORT"])
         log.close()
-    assert "HTTP path: HAProxy + direct ingress" in (tmp_path / "serve.log").read_text()
+    text = (tmp_path / "serve.log").read_text()
+    assert "HTTP path: HAProxy + direct ingress" in text
+    assert "stopping HAProxy" in text and "left on port(s)" in text
 
 
 def _haproxy_configs() -> list[tuple[int, str]]:
@@ -630,3 +643,15 @@ def test_api_keys_and_rate_limits(app_url, sample_dir):
     time.sleep(float(limited.headers["Retry-After"]) + 0.1)
     assert httpx.post(f"{url}/predict", content=body, headers={"X-API-Key": API_KEY}, timeout=60).status_code == 200
     assert httpx.post(f"{app_url}/predict", content=body, timeout=60).status_code == 200  # the open app stays open
+
+
+def test_request_pixel_budget_and_format_allow_list(app_url):
+    # three 6000x6000 1-bit PNGs: each under the per-image limit, 108 Mpx together over the 80 Mpx budget
+    big = png_bytes(Image.new("1", (6000, 6000)))
+    files = [("file", (f"b{i}.png", big, "image/png")) for i in range(3)]
+    r = httpx.post(f"{app_url}/predict", files=files, timeout=60)
+    assert r.status_code == 413 and r.json()["error"] == "too_many_pixels" and "108.0 Mpx" in r.json()["detail"]
+    ico = io.BytesIO()
+    Image.new("RGB", (16, 16)).save(ico, format="ICO")
+    r = httpx.post(f"{app_url}/predict", content=ico.getvalue(), timeout=60)
+    assert r.status_code == 415 and r.json()["error"] == "unsupported_format" and "ICO" in r.json()["detail"]
