@@ -92,15 +92,21 @@ def main() -> None:
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--storage", default="runs/bench")
     p.add_argument("--out", help="also write the JSON here")
+    p.add_argument("--lean", action="store_true", help="embedded Ray without dashboard and metrics collection")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.lean:
+        from deepfake import cluster
+
+        cluster.EMBEDDED_OPTIONS["include_dashboard"] = False
+        os.environ.setdefault("RAY_enable_metrics_collection", "0")
 
     plain = plain_loop(base_config(args), args.cores)  # before Ray starts, so nothing else competes
     results = {"plain_pytorch": plain}
     for w in args.workers:
         results[f"ray_train_{w}w"] = ray_train(base_config(args), w, args.cores, "tp")
     fig = {
-        "setup": {k: getattr(args, k) for k in SETUP_KEYS},
+        "setup": {**{k: getattr(args, k) for k in SETUP_KEYS}, "lean_ray": args.lean},
         **results,
         "ratios_vs_plain": {
             k: round(v["images_per_s"] / plain["images_per_s"], 3) for k, v in results.items() if k != "plain_pytorch"

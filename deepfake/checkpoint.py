@@ -305,6 +305,11 @@ def render_card(meta: dict[str, Any]) -> str:
             aug.append(f"random shift up to {data_cfg['crop_padding']} px (reflect padding)")
         if data_cfg.get("rotation"):
             aug.append(f"rotation up to {data_cfg['rotation']} degrees")
+        if data_cfg.get("degrade"):
+            aug.append(
+                f"{100 * data_cfg['degrade']:.0f}% of images degraded (one of: down-and-up resampling, Gaussian "
+                "blur, JPEG quality 30-95, crop-and-back)"
+            )
         lines.append(f"- augmentation: {', '.join(aug) or 'none'}")
     model_cfg = meta.get("config", {}).get("model", {})
     if model_cfg:
