@@ -29,6 +29,15 @@ log = logging.getLogger("bench.train_throughput")
 SETUP_KEYS = ("data", "max_per_class", "image_size", "stem_stride", "batch_size", "epochs", "cores")
 
 
+RAY_VARIANTS: dict[str, tuple[dict, dict]] = {  # ray.init options, environment of the embedded Ray
+    "default": ({"include_dashboard": None}, {}),  # deepfake.cluster's defaults (metrics collection off)
+    "ray_defaults": ({"include_dashboard": None}, {"RAY_enable_metrics_collection": "1"}),
+    "no_dashboard": ({"include_dashboard": False}, {}),
+    "no_metrics": ({"include_dashboard": None}, {"RAY_enable_metrics_collection": "0"}),
+    "lean": ({"include_dashboard": False}, {"RAY_enable_metrics_collection": "0"}),
+}
+
+
 def base_config(args: argparse.Namespace) -> Config:
     cfg = Config()
     cfg.data.path = args.data
@@ -92,25 +101,47 @@ def main() -> None:
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--storage", default="runs/bench")
     p.add_argument("--out", help="also write the JSON here")
-    p.add_argument("--lean", action="store_true", help="embedded Ray without dashboard and metrics collection")
+    p.add_argument(
+        "--ray",
+        nargs="+",
+        default=["default", "ray_defaults"],
+        choices=sorted(RAY_VARIANTS),
+        help="embedded-Ray variants to run, one after the other, each against the same plain loop",
+    )
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    if args.lean:
-        from deepfake import cluster
+    from deepfake import cluster
 
-        cluster.EMBEDDED_OPTIONS["include_dashboard"] = False
-        os.environ.setdefault("RAY_enable_metrics_collection", "0")
-
-    plain = plain_loop(base_config(args), args.cores)  # before Ray starts, so nothing else competes
-    results = {"plain_pytorch": plain}
-    for w in args.workers:
-        results[f"ray_train_{w}w"] = ray_train(base_config(args), w, args.cores, "tp")
+    # The plain loop runs before, between and after the Ray runs (this VM's speed drifts by 15% over minutes):
+    # each Ray figure is divided by the mean of the plain runs on either side of it.
+    plains = [plain_loop(base_config(args), args.cores)]
+    results: dict = {}
+    for variant in args.ray:
+        options, env = RAY_VARIANTS[variant]
+        saved = dict(cluster.EMBEDDED_OPTIONS)
+        cluster.EMBEDDED_OPTIONS.update(options)
+        os.environ.update(env)
+        try:
+            for w in args.workers:
+                results[f"{variant}_{w}w"] = ray_train(base_config(args), w, args.cores, f"tp-{variant}")
+        finally:
+            cluster.disconnect()
+            cluster.EMBEDDED_OPTIONS.clear()
+            cluster.EMBEDDED_OPTIONS.update(saved)
+            for key in env:
+                os.environ.pop(key, None)
+        plains.append(plain_loop(base_config(args), args.cores))
+        for w in args.workers:
+            around = (plains[-2]["images_per_s"] + plains[-1]["images_per_s"]) / 2
+            results[f"{variant}_{w}w"]["ratio_vs_plain_around"] = round(
+                results[f"{variant}_{w}w"]["images_per_s"] / around, 3
+            )
     fig = {
-        "setup": {**{k: getattr(args, k) for k in SETUP_KEYS}, "lean_ray": args.lean},
+        "setup": {k: getattr(args, k) for k in SETUP_KEYS},
+        "ray_variants": {v: {"ray_init": RAY_VARIANTS[v][0], "env": RAY_VARIANTS[v][1]} for v in args.ray},
+        "plain_pytorch_runs": [round(x["images_per_s"], 1) for x in plains],
         **results,
-        "ratios_vs_plain": {
-            k: round(v["images_per_s"] / plain["images_per_s"], 3) for k, v in results.items() if k != "plain_pytorch"
-        },
+        "ratios_vs_plain": {k: v["ratio_vs_plain_around"] for k, v in results.items()},
         "goal": "Ray Train >= 0.95x the plain loop at equal total cores",
     }
     emit(fig, args.out)

@@ -25,10 +25,12 @@ GCS_PORT = 6379
 
 
 # An embedded Ray is a private one-machine cluster. Usage statistics would only try to reach the internet.
-# The dashboard stays: Ray Train polls its controller state through it (without it, every run logs
-# "Failed to query Ray Train Controller actor state"; ../shared/notes/ray.md). bench/ray_startup.py measures
-# what the dashboard, the metrics pipeline and log forwarding cost a local run.
-EMBEDDED_ENV = {"RAY_USAGE_STATS_ENABLED": "0"}
+# Metrics collection is off: nothing scrapes an embedded Ray's metrics, and on 2 cores it cost Ray Train 20% of
+# its training speed (bench/train_throughput.py: 0.79x the plain loop with it, 0.99x without; `deepfake serve`
+# turns it back on for its Prometheus metrics). The dashboard stays: Ray Train polls its controller state
+# through it (without it, every run logs "Failed to query Ray Train Controller actor state"), though it costs
+# 220 MB and 11 processes (bench/ray_startup.py).
+EMBEDDED_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_enable_metrics_collection": "0"}
 EMBEDDED_OPTIONS: dict[str, object] = {}
 
 

@@ -967,7 +967,8 @@ def start_local(spec: dict[str, Any], address: str | None = None, http_path: str
     if fresh and http_path != "proxy" and sys.platform.startswith("linux"):
         reap_orphaned_haproxies([int(spec["http_options"].get("port", 8000)), *_haproxy_side_ports()])
     env = http_path_env(http_path)
-    cluster.connect(address, env=env)  # the embedded Ray's processes inherit `env`; variables the user set win
+    # the embedded Ray's processes inherit `env` (variables the user set win); Serve keeps Ray's metrics on
+    cluster.connect(address, env={"RAY_enable_metrics_collection": "1", **env})
     if env:
         log.info(
             "HTTP path: %s",
