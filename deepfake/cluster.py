@@ -25,11 +25,12 @@ GCS_PORT = 6379
 
 
 # An embedded Ray is a private one-machine cluster. Usage statistics would only try to reach the internet.
-# Metrics collection is off: nothing scrapes an embedded Ray's metrics, and on 2 cores it cost Ray Train 20% of
-# its training speed (bench/train_throughput.py: 0.79x the plain loop with it, 0.99x without; `deepfake serve`
-# turns it back on for its Prometheus metrics). The dashboard stays: Ray Train polls its controller state
-# through it (without it, every run logs "Failed to query Ray Train Controller actor state"), though it costs
-# 220 MB and 11 processes (bench/ray_startup.py).
+# Metrics collection is off: nothing scrapes an embedded Ray's metrics (`deepfake serve` turns it back on for its
+# Prometheus metrics). bench/ray_startup.py: the metrics pipeline costs little at idle; bench/train_throughput.py
+# saw Ray Train at 0.79x the plain loop with it and 0.99x without in one run, 0.99x and 0.87x in the next: the
+# 2-core VM's drift (+-12% between plain runs) is larger than the effect. The dashboard stays: Ray Train polls
+# its controller state through it (without it, every run logs "Failed to query Ray Train Controller actor
+# state"), though it costs 220 MB and 11 processes.
 EMBEDDED_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_enable_metrics_collection": "0"}
 EMBEDDED_OPTIONS: dict[str, object] = {}
 
