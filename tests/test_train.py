@@ -66,12 +66,12 @@ def test_two_workers_train_and_export(ray_local, small_sample, tmp_path):
 
 
 def test_worker_crash_restarts_from_last_checkpoint(ray_local, small_sample, tmp_path):
-    cfg = _cfg(small_sample, tmp_path, name="crash", epochs=3, max_failures=1)
+    cfg = _cfg(small_sample, tmp_path, name="crash", epochs=3, max_failures=1, workers=1)
     out = fit(cfg, export=False, callbacks=[FailOnce(2, tmp_path / "runs" / "crash")])
     assert (tmp_path / "runs" / "crash" / ".failed_once_epoch2").exists()  # the failure did happen
     assert [h["epoch"] for h in out["history"]] == [1, 2, 3]
     # epochs are seeded, so the restarted run trains exactly as an uninterrupted one
-    clean = fit(_cfg(small_sample, tmp_path, name="clean", epochs=3), export=False)
+    clean = fit(_cfg(small_sample, tmp_path, name="clean", epochs=3, workers=1), export=False)
     for a, b in zip(out["history"], clean["history"]):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
         assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)
@@ -94,7 +94,7 @@ def test_warm_start_from_a_relative_model_folder_records_its_parent(ray_local, s
 def test_resume_after_interruption_continues_from_last_epoch(ray_local, small_sample, tmp_path):
     from ray.train import TrainingFailedError
 
-    cfg = _cfg(small_sample, tmp_path, name="interrupted", epochs=3, max_failures=0)
+    cfg = _cfg(small_sample, tmp_path, name="interrupted", epochs=3, max_failures=0, workers=1)
     with pytest.raises(TrainingFailedError):
         fit(cfg, export=False, callbacks=[FailOnce(2, tmp_path / "runs" / "interrupted")])
     run = tmp_path / "runs" / "interrupted"
