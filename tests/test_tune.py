@@ -165,6 +165,7 @@ def test_asha_stops_a_hopeless_trial_and_best_config_trains_unchanged(ray_local,
     # (Training loss, not validation accuracy: after one epoch from scratch the latter is a coin flip.)
     cfg = _base(small_sample, tmp_path, searcher="random", space={"lr": {"grid": [1e-3, 2e-3, 5.0]}})
     cfg.tune.metric, cfg.tune.mode = "train_loss", "min"
+    cfg.tune.scheduler = "asha"  # the promoting variant (deepfake.asha): pauses at the rung
     cfg.model.stem_stride = 2
     cfg.train.optimizer = "adam"
     out = tmp_path / "search"
