@@ -63,7 +63,8 @@ def _label_from_parts(parts: Iterable[str]) -> str | None:
     return None
 
 
-def _hidden(name: str) -> bool:
+def is_hidden(name: str) -> bool:
+    """A dot-file or folder, or macOS archive debris: never a dataset file."""
     return name.startswith(".") or name.startswith("__MACOSX")
 
 
@@ -80,10 +81,10 @@ def walk_folder(root: Path) -> Iterator[tuple[tuple[str, ...], Path]]:
     """Every visible file under `root` in a stable order: (its folder parts relative to root, its path).
     The one folder walk of training, evaluation and prediction."""
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not _hidden(d))
+        dirnames[:] = sorted(d for d in dirnames if not is_hidden(d))
         rel_parts = Path(dirpath).relative_to(root).parts
         for name in sorted(filenames):
-            if not _hidden(name):
+            if not is_hidden(name):
                 yield rel_parts, Path(dirpath) / name
 
 
@@ -95,7 +96,7 @@ def stream_archive(
     training, evaluation and prediction; a damaged archive raises tarfile/zlib/OSError to the caller."""
     with tarfile.open(archive, mode="r:*") as tar:
         for member in tar:
-            if not member.isfile() or any(_hidden(p) for p in PurePosixPath(member.name).parts):
+            if not member.isfile() or any(is_hidden(p) for p in PurePosixPath(member.name).parts):
                 continue
             if not want(member.name):
                 continue

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from deepfake.calibration import parse_operating_point
 from deepfake.checkpoint import CheckpointError, read_metadata
-from deepfake.data import DataError, is_archive, is_manifest, read_manifest, stream_archive, walk_folder
+from deepfake.data import DataError, is_archive, is_hidden, is_manifest, read_manifest, stream_archive, walk_folder
 from deepfake.files import FileTooLarge, read_capped, safe_cell, unsafe_cell
 from deepfake.images import IMAGE_SUFFIXES, BadImage, decode_image
 from deepfake.inference import Predictor, ensemble_version, model_version, score_images
@@ -59,11 +59,7 @@ MAX_BLOCK_BYTES = 32 * 1024 * 1024  # ... or fewer when the images are large
 # ---------------------------------------------------------------------------------------------- core (no Ray)
 def is_image_name(name: str) -> bool:
     parts = PurePosixPath(name).parts
-    return (
-        bool(parts)
-        and not any(p.startswith(".") or p.startswith("__MACOSX") for p in parts)
-        and PurePosixPath(name).suffix.lower() in IMAGE_SUFFIXES
-    )
+    return bool(parts) and not any(is_hidden(p) for p in parts) and PurePosixPath(name).suffix.lower() in IMAGE_SUFFIXES
 
 
 def predict_rows(

@@ -442,29 +442,24 @@ def make_searcher(
     specs: dict[str, ParamSpec],
     paused: set[str] | None = None,
     points=None,
-    limit: bool = True,
     scheduler: str | None = None,
 ):
     """Optuna TPE behind a concurrency limit; random search when asked, or when Optuna is missing.
 
     `paused`: the promoting scheduler's paused trials, which must not hold a concurrency slot.
     `points` (benchmarks): evaluate exactly these configs, in order, with the random generator.
-    `limit=False` (Ray's pausing HyperBand schedulers, whose paused trials would hold a limiter's slots for
-    ever): no searcher-side limit; the trials' CPU/GPU requests bound how many run at once."""
+    `scheduler` (default tune.scheduler): bohb gets its own searcher; Ray's pausing HyperBand schedulers
+    (PAUSING) get no searcher-side limit, since their paused trials would hold its slots for ever: the
+    trials' CPU/GPU requests bound how many run at once."""
     from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 
     from deepfake.asha import limit_active
 
     t = cfg.tune
-    if (scheduler or t.scheduler) == "bohb":
+    name = scheduler or t.scheduler
+    if name == "bohb":
         return bohb_searcher(cfg, points)
-    if not limit:
-        if t.searcher == "optuna" or points:
-            # a Searcher (HyperBandForBOHB calls its on_pause); given points are evaluated first, in order
-            from ray.tune.search.optuna import OptunaSearch
-
-            return OptunaSearch(seed=cfg.train.seed, points_to_evaluate=points or None)
-        return BasicVariantGenerator(random_state=cfg.train.seed)
+    limit = t.max_concurrent if name not in PAUSING else 0
     if t.searcher == "optuna" and not points:
         try:
             import optuna  # noqa: F401
@@ -473,13 +468,15 @@ def make_searcher(
             log.warning("optuna is not installed: falling back to random search")
         else:
             tpe = OptunaSearch(seed=cfg.train.seed)
+            if not limit:
+                return tpe
             if paused is not None:
-                return limit_active(tpe, t.max_concurrent, paused)
-            return ConcurrencyLimiter(tpe, max_concurrent=t.max_concurrent)
+                return limit_active(tpe, limit, paused)
+            return ConcurrencyLimiter(tpe, max_concurrent=limit)
     kwargs = {"points_to_evaluate": points} if points else {"random_state": cfg.train.seed}
     if paused is not None:
-        return limit_active(None, t.max_concurrent, paused, **kwargs)
-    return BasicVariantGenerator(max_concurrent=t.max_concurrent, **kwargs)
+        return limit_active(None, limit, paused, **kwargs)
+    return BasicVariantGenerator(max_concurrent=limit, **kwargs)
 
 
 def bohb_searcher(cfg: Config, points=None):
@@ -601,8 +598,7 @@ def run_search(
             cfg.tune.samples = len(points)
         name_ = scheduler or t.scheduler
         sched = make_scheduler(cfg, specs, name_)
-        limit = name_ not in PAUSING
-        searcher = make_searcher(cfg, specs, getattr(sched, "paused", None), points, limit=limit, scheduler=name_)
+        searcher = make_searcher(cfg, specs, getattr(sched, "paused", None), points, scheduler=name_)
         tuner = tune.Tuner(
             trainable,
             param_space=space,
@@ -612,9 +608,9 @@ def run_search(
                 num_samples=cfg.tune.samples,
                 search_alg=searcher,
                 scheduler=sched,
-                # BasicVariantGenerator limits itself (Tune ignores this for it, with a warning)
+                # BasicVariantGenerator limits itself (Tune ignores this for it, with a warning); PAUSING: none
                 max_concurrent_trials=None
-                if isinstance(searcher, BasicVariantGenerator) or not limit
+                if isinstance(searcher, BasicVariantGenerator) or name_ in PAUSING
                 else t.max_concurrent,
                 trial_dirname_creator=lambda trial: trial.trial_id,
             ),

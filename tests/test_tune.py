@@ -96,7 +96,8 @@ def test_every_scheduler_name_builds_rays_or_ours():
         "fifo": FIFOScheduler,
     }
     # Ray's pausing schedulers get no searcher-side limit (a paused trial would hold its slot for ever)
-    assert tm.make_searcher(cfg, specs, limit=False).__class__.__name__ == "OptunaSearch"
+    assert tm.make_searcher(cfg, specs, scheduler="hyperband").__class__.__name__ == "OptunaSearch"
+    assert tm.make_searcher(cfg, specs, scheduler="asha-stop").__class__.__name__ == "ConcurrencyLimiter"
 
 
 def test_trial_and_best_configs():
