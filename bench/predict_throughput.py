@@ -119,10 +119,11 @@ def plain_loop(model: str, archive: str, batch_size: int) -> dict:
     """Decode + forward in one process: the same read_archive/predict_rows core, no Ray."""
     import torch
 
-    from deepfake.predict import load_predictors, predict_rows, read_archive
+    from deepfake.inference import load_scorer
+    from deepfake.predict import predict_rows, read_archive
 
     t0 = time.perf_counter()
-    predictors = load_predictors([model])
+    predictors = load_scorer(model, jit=True)
     t_load = time.perf_counter() - t0
     n, batch = 0, []
     t1 = time.perf_counter()

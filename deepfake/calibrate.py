@@ -203,6 +203,126 @@ def calibrate(
     return {"model": str(d), **trust}
 
 
+def calibrate_ensemble(
+    model_dir: str | Path,
+    data: str | Path | None = None,
+    band: tuple[float, float] = DEFAULT_BAND,
+    fprs: tuple[float, ...] = DEFAULT_FPRS,
+    batch_size: int = 64,
+    device: str = "auto",
+    progress: bool = True,
+    allow_outside: bool = False,
+) -> dict[str, Any]:
+    """An ensemble folder's own trust settings: operating points and band on the mean of its members'
+    calibrated P(ai) over the validation part they share (members split with other settings are refused:
+    one's validation images could be another's training images), measured on the test part. Each member
+    keeps its own temperature and guard; the ensemble flags an image when any member's guard does."""
+    from deepfake.evaluate import _common_settings, score_refs
+    from deepfake.inference import load_scorer
+
+    if not 0 <= band[0] <= band[1] <= 1:
+        raise CalibrationError(f"band {band}: need 0 <= lo <= hi <= 1")
+    d = ck.resolve_model_dir(str(model_dir))
+    spec = ck.read_ensemble(d)
+    metas = [ck.read_metadata(m) for m in spec["member_dirs"]]
+    settings = _common_settings(metas, "val")
+    if any(not m.get("trust") for m in metas):
+        raise CalibrationError(f"{d}: calibrate every member first (deepfake calibrate --model MEMBER)")
+    source = str(data) if data is not None else (settings["path"] or str(SAMPLE_DIR))
+    catalog = scan(source, keep_blobs=True, progress=progress, allow_outside=allow_outside)
+    parts = split_samples(
+        catalog.samples, settings["val_ratio"], settings["test_ratio"], settings["seed"], settings["max_per_class"]
+    )
+    scorer = load_scorer(d, device=device, jit=True)
+    read = _Reader(catalog.blobs)
+    ai = CLASSES.index("ai")
+
+    def run(split: str):
+        df = parts[parts["split"] == split]
+        per = [
+            score_refs(m, df["ref"].tolist(), read, batch_size=batch_size, progress=progress, desc=f"{split} {k}")
+            for k, m in enumerate(scorer.members, 1)
+        ]
+        s = scorer.combine(per)
+        ok = np.array([not e for e in s.errors])
+        y = (_labels_idx(df["label"].tolist())[ok] == ai).astype(int)
+        return y, s.prob_ai[ok], s.prob_ai_raw[ok], [s.in_domain[i] for i in np.flatnonzero(ok)]
+
+    y_val, p_val, raw_val, dom_val = run("val")
+    if len(set(y_val.tolist())) < 2:
+        raise CalibrationError(f"{source}: the validation part needs images of both classes")
+    trust: dict[str, Any] = {
+        "band": [float(band[0]), float(band[1])],
+        "operating_points": operating_points(y_val, p_val, fprs),
+        "calibration": {
+            "val, mean of raw P(ai)": {
+                "ece": expected_calibration_error(y_val, raw_val),
+                "brier": brier(y_val, raw_val),
+            },
+            "val, mean of calibrated P(ai)": {
+                "ece": expected_calibration_error(y_val, p_val),
+                "brier": brier(y_val, p_val),
+            },
+        },
+        "fitted": {
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "data": source,
+            "split": "val",
+            "val_images": len(y_val),
+            "fit_images": "none (each member's guard keeps its own statistics)",
+        },
+        "guard_rule": "an image is in domain only where every member's guard says so (each member's own guard, "
+        "fitted by `deepfake calibrate` on that member)",
+        "guard_measured": {"val flagged": f"{np.mean([d is False for d in dom_val]):.2%} of {len(dom_val)}"},
+    }
+    test = parts[parts["split"] == "test"]
+    if len(test) and test["label"].nunique() == 2:
+        y_t, p_t, raw_t, dom_t = run("test")
+        trust["calibration"]["test, mean of raw P(ai)"] = {
+            "ece": expected_calibration_error(y_t, raw_t),
+            "brier": brier(y_t, raw_t),
+        }
+        trust["calibration"]["test, mean of calibrated P(ai)"] = {
+            "ece": expected_calibration_error(y_t, p_t),
+            "brier": brier(y_t, p_t),
+        }
+        trust["guard_measured"]["test flagged (never fitted on)"] = (
+            f"{np.mean([d is False for d in dom_t]):.2%} of {len(dom_t)}"
+        )
+    spec["trust"] = trust
+    ck.write_ensemble(d, spec)
+    log.info("calibrated ensemble %s: %s", d, {k: v["threshold"] for k, v in trust["operating_points"].items()})
+    return {"model": str(d), **trust}
+
+
+def make_ensemble(
+    out: str | Path, members: list[str | Path], overwrite: bool = False, calibrate: bool = True, **kw: Any
+) -> dict[str, Any]:
+    """Write an ensemble folder at `out` naming `members` (model folders), measure its cost per image on this
+    machine and, by default, fit its own operating points (`calibrate_ensemble`, keyword arguments to it)."""
+    from deepfake.files import is_occupied
+    from deepfake.inference import load_scorer, throughput
+
+    if len(members) < 2:
+        raise CalibrationError(f"an ensemble needs at least 2 member folders, got {len(members)}")
+    if is_occupied(out) and not overwrite:
+        raise ck.CheckpointError(f"{out} exists; pass --overwrite to replace it")
+    dirs = [ck.resolve_model_dir(str(m)) for m in members]
+    if any(ck.is_ensemble(m) for m in dirs):
+        raise ck.CheckpointError("a member is itself an ensemble; name its members instead")
+    ck.write_ensemble(out, ck.ensemble_spec(out, dirs), new=True)
+    t = throughput(load_scorer(out, device="cpu", jit=True))
+    spec = ck.read_ensemble(out)
+    spec["cost"] = (
+        f"{t['images_per_s']:.0f} images/s in one process ({t['ms_per_image']:.2f} ms per image, batches of "
+        f"{t['batch_size']}, {t['threads']} torch threads on {ck.host_info()}): every member runs on every image"
+    )
+    ck.write_ensemble(out, spec)
+    if calibrate:
+        return calibrate_ensemble(out, **kw)
+    return {"model": str(out), "members": spec["members"], "cost": spec["cost"]}
+
+
 def ood_parts(samples) -> dict[str, list[str]]:
     """Out-of-domain examples split in two halves by content hash (per label, so both kinds of image are in
     each half): "fit" for outlier exposure, "measure" never seen by the guard, and "all"."""

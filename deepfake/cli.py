@@ -261,7 +261,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     args.model = _model_dirs(args.model)
     if args.update_card and len(args.model) > 1:
-        raise cfgmod.ConfigError("--update-card records one model's evaluation; an ensemble has no card")
+        raise cfgmod.ConfigError(
+            "--update-card records one model folder's evaluation; make an ensemble folder (deepfake make-ensemble)"
+        )
     result = evaluate(
         args.model,
         data=args.data,
@@ -280,6 +282,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         from deepfake.evaluate import update_card
 
         update_card(args.model[0], result)
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def cmd_make_ensemble(args: argparse.Namespace) -> int:
+    from deepfake.calibrate import make_ensemble
+
+    kw = {"data": args.data, "band": _band(args.band), "allow_outside": args.allow_outside}
+    result = make_ensemble(args.out, args.members, overwrite=args.overwrite, calibrate=not args.no_calibrate, **kw)
     print(json.dumps(result, indent=2, default=str))
     return 0
 
@@ -316,10 +327,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from deepfake.explain import explain_images, write_explanations
     from deepfake.files import FileTooLarge, read_capped
     from deepfake.images import BadImage, decode_image
-    from deepfake.inference import Predictor
+    from deepfake.inference import load_scorer
     from deepfake.provenance import load_trust, read_provenance
 
-    predictor = Predictor.from_dir(
+    predictor = load_scorer(
         _model_dirs([args.model] if args.model else None)[0], device=args.device, operating_point=args.operating_point
     )
     trust = load_trust(args.c2pa_trust)
@@ -348,17 +359,34 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _band(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(x) for x in text.split(","))
+    except ValueError:
+        raise cfgmod.ConfigError(f"--band {text!r}: expected LO,HI") from None
+    return lo, hi
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from deepfake.calibrate import calibrate, remove
-    from deepfake.checkpoint import resolve_model_dir
+    from deepfake.calibrate import calibrate, calibrate_ensemble, remove
+    from deepfake.checkpoint import is_ensemble, resolve_model_dir
     from deepfake.guard import DEFAULT_TAPS
 
     if args.remove:
         remove(resolve_model_dir(args.model))
         return 0
-    band = tuple(float(x) for x in args.band.split(","))
-    if len(band) != 2:
-        raise cfgmod.ConfigError(f"--band {args.band!r}: expected LO,HI")
+    band = _band(args.band)
+    if is_ensemble(resolve_model_dir(args.model)):
+        result = calibrate_ensemble(
+            args.model,
+            data=args.data,
+            band=band,
+            batch_size=args.batch_size,
+            device=args.device,
+            allow_outside=args.allow_outside,
+        )
+        print(json.dumps(result, indent=2, default=str))
+        return 0
     result = calibrate(
         args.model,
         data=args.data,
@@ -424,6 +452,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         c2pa_trust=args.c2pa_trust,
         api_keys=args.api_keys,
         rate_limit=args.rate_limit,
+        models_dir=args.models_dir,
     )
     return 0
 
@@ -527,6 +556,19 @@ def build_parser() -> argparse.ArgumentParser:
     en.add_argument("--method", choices=("vote", "mean"), default="vote", help="majority vote (ties: mean) or mean")
     en.set_defaults(func=cmd_ensemble)
 
+    me = sub.add_parser(
+        "make-ensemble",
+        help="an ensemble model folder: members by reference, its own operating points, usable as --model",
+    )
+    _allow_outside_flag(me)
+    me.add_argument("out", help="the new ensemble folder (e.g. models/cifake-ensemble)")
+    me.add_argument("members", nargs="+", help="member model folders (two or more), each calibrated")
+    me.add_argument("--data", help="dataset for its operating points (default: the members' training data)")
+    me.add_argument("--band", default="0.2,0.8", help="LO,HI: mean calibrated P(ai) in this band is 'uncertain'")
+    me.add_argument("--no-calibrate", action="store_true", help="write the folder only (no operating points)")
+    me.add_argument("--overwrite", action="store_true", help="replace an existing folder at OUT")
+    me.set_defaults(func=cmd_make_ensemble)
+
     pr = sub.add_parser("predict", help="batch prediction with Ray Data: folder, .tar(.gz) or CSV -> predictions CSV")
     _allow_outside_flag(pr)
     pr.add_argument("path", help="folder (every image, recursively), .tar/.tar.gz archive, or CSV manifest (path)")
@@ -596,6 +638,11 @@ def build_parser() -> argparse.ArgumentParser:
     sv = sub.add_parser("serve", help="HTTP API + web page with Ray Serve (blocks until Ctrl-C)")
     sv.add_argument("--config", help="Serve config (default: serve_config.yaml in the cwd or the repository)")
     sv.add_argument("--model", metavar="DIR", help="model folder (overrides the config's args.model)")
+    sv.add_argument(
+        "--models-dir",
+        metavar="DIR",
+        help="folder of model folders a request may name with ?model=NAME (default: the default model's folder)",
+    )
     sv.add_argument("--port", type=int, help="HTTP port (overrides the config; default 8000)")
     sv.add_argument("--host", help="HTTP host (default 127.0.0.1; beyond it, set API keys)")
     sv.add_argument(

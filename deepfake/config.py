@@ -71,7 +71,7 @@ class TrainConfig(Section):
     scheduler: str = "step"  # step (StepLR), cosine, none
     step_size: int = 5
     gamma: float = 0.1
-    warmup_epochs: int = 0
+    warmup_epochs: float = 0  # linear warm-up, in epochs (fractions allowed: 0.25 = a quarter of the first)
     label_smoothing: float = 0.0
     patience: int = 3  # early stopping on validation loss; 0 disables
     amp: str = "auto"  # auto (bf16/fp16 on GPU, off on CPU), bf16, fp16, off

@@ -37,7 +37,7 @@ from deepfake.data import SAMPLE_DIR, DataError, read_ref, scan, split_samples
 from deepfake.files import safe_frame, write_atomic
 from deepfake.guard import N_LOWLEVEL, lowlevel_images
 from deepfake.images import BadImage, decode_image
-from deepfake.inference import BatchScores, combine_scores, join_features
+from deepfake.inference import BatchScores, join_features, load_scorer, scorer_info
 from deepfake.metrics import (
     brier,
     compute_metrics,
@@ -274,8 +274,6 @@ def evaluate(
     """Metrics of a model (or the mean-probability ensemble of several) on `split` of `data` (default: the
     data the first model was trained on). Writes metrics.json, predictions.csv and the plots to `out_dir`
     (and robustness.csv/.md with `robustness=True`); returns the same summary as metrics.json."""
-    from deepfake.inference import Predictor
-
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
     if batch_size < 1:
@@ -283,18 +281,17 @@ def evaluate(
     dirs = [Path(model_dirs)] if isinstance(model_dirs, (str, Path)) else [Path(d) for d in model_dirs]
     if not dirs:
         raise ck.CheckpointError("no model folder given")
-    metas = [ck.read_metadata(d) for d in dirs]  # a missing or foreign folder fails here, before any scan
+    metas = scorer_info(dirs)["metas"]  # a missing or foreign folder fails here, before any scan
     settings = _common_settings(metas, split)
     source = str(data) if data is not None else (settings["path"] or str(SAMPLE_DIR))
     catalog = scan(source, keep_blobs=True, progress=progress, allow_outside=allow_outside)
     chosen = _select(catalog.samples, settings, split)
     refs, labels = chosen["ref"].tolist(), chosen["label"].tolist()
     read = _Reader(catalog.blobs)
-    predictors = [  # traced on CPU: faster
-        Predictor.from_dir(d, device=device, jit=True, operating_point=threshold) for d in dirs
-    ]
-    op = predictors[0].op
-    log.info("evaluating %d model(s) on %d images (%s part of %s)", len(dirs), len(refs), split, source)
+    scorer = load_scorer(dirs, device=device, jit=True, operating_point=threshold)  # traced on CPU: faster
+    predictors = scorer.members
+    op = scorer.op
+    log.info("evaluating %s on %d images (%s part of %s)", scorer.version, len(refs), split, source)
 
     conditions = list(CONDITIONS) if robustness else ["clean"]
     per_condition: dict[str, BatchScores] = {}
@@ -314,7 +311,7 @@ def evaluate(
             )
             for m, pred in enumerate(predictors, 1)
         ]
-        per_condition[cond] = combine_scores(per_model)
+        per_condition[cond] = scorer.combine(per_model)
         members = members or per_model  # the clean condition's, for the per-model columns
 
     clean = per_condition["clean"]
@@ -324,7 +321,7 @@ def evaluate(
     y_ok = [label for label, good in zip(labels, ok) if good]
     metrics = compute_metrics(y_ok, clean.prob_ai[ok], threshold=op.threshold, n_bootstrap=n_bootstrap)
     metrics["operating_point"] = op.name
-    trust = trust_report(predictors, y_ok, clean, ok, op.threshold)
+    trust = trust_report(scorer, y_ok, clean, ok, op.threshold)
 
     failed = [e for e in clean.errors if e]
     skipped = {
@@ -335,8 +332,9 @@ def evaluate(
         "note": "files skipped at scan time have no content hash, so no split: they are counted for the whole dataset",
     }
     result: dict[str, Any] = {
-        "models": [{"path": str(d), "version": p.version} for d, p in zip(dirs, predictors)],
-        "combine": "mean calibrated prob_ai" if len(dirs) > 1 else None,
+        "models": [{"path": p.meta.get("path"), "version": p.version} for p in predictors],
+        "model": scorer.version,
+        "combine": "mean calibrated prob_ai" if len(predictors) > 1 else None,
         "data": source,
         "layout": catalog.layout,
         "split": split,
@@ -357,16 +355,14 @@ def evaluate(
             m = compute_metrics(y_good, sc.prob_ai[good], threshold=op.threshold, n_bootstrap=0)
             table[cond] = {k: m[k] for k in ("n", "accuracy", "roc_auc", "f1_macro", "ece")}
             table[cond]["accuracy_delta"] = m["accuracy"] - metrics["accuracy"]
-            cov = coverage_table(
-                to_binary(y_good), sc.prob_ai[good], _domain(sc, good), op.threshold, predictors[0].band
-            )
+            cov = coverage_table(to_binary(y_good), sc.prob_ai[good], _domain(sc, good), op.threshold, scorer.band)
             table[cond].update({"coverage": cov["coverage"], "accuracy_answered": cov["accuracy_answered"]})
         result["robustness"] = table
 
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        result["files"] = _write_outputs(out, result, refs, labels, clean, predictors, members)
+        result["files"] = _write_outputs(out, result, refs, labels, clean, scorer, members)
         result["files"].update(write_plots(y_ok, clean.prob_ai[ok], out, metrics))
         result["files"]["reliability_uncalibrated"] = str(
             plot_reliability(
@@ -381,7 +377,7 @@ def _domain(sc: BatchScores, good: np.ndarray) -> list[bool | None]:
     return [d for d, g in zip(sc.in_domain, good) if g]
 
 
-def trust_report(predictors, y_ok: list[str], clean: BatchScores, ok: np.ndarray, threshold: float) -> dict[str, Any]:
+def trust_report(scorer, y_ok: list[str], clean: BatchScores, ok: np.ndarray, threshold: float) -> dict[str, Any]:
     """Calibration before/after, operating points on this data, coverage and the guard's flag rate."""
     y = to_binary(y_ok)
     p, raw = clean.prob_ai[ok], clean.prob_ai_raw[ok]
@@ -389,12 +385,12 @@ def trust_report(predictors, y_ok: list[str], clean: BatchScores, ok: np.ndarray
     both = len(set(y.tolist())) == 2
     out: dict[str, Any] = {
         "calibration": {
-            "temperature": [pr.temperature for pr in predictors],
+            "temperature": [pr.temperature for pr in scorer.members],
             "before": {"ece": expected_calibration_error(y, raw), "brier": brier(y, raw)},
             "after": {"ece": expected_calibration_error(y, p), "brier": brier(y, p)},
         },
         "operating_points": operating_points(y, p) if both else None,
-        "coverage": coverage_table(y, p, dom, threshold, predictors[0].band),
+        "coverage": coverage_table(y, p, dom, threshold, scorer.band),
     }
     if all(d is not None for d in dom):
         flagged = np.array([not d for d in dom])
@@ -404,14 +400,9 @@ def trust_report(predictors, y_ok: list[str], clean: BatchScores, ok: np.ndarray
     return out
 
 
-def _write_outputs(
-    out, result, refs, labels, clean: BatchScores, predictors, members: list[BatchScores]
-) -> dict[str, str]:
-    from deepfake.inference import ensemble_version
-
-    first = predictors[0]
+def _write_outputs(out, result, refs, labels, clean: BatchScores, scorer, members: list[BatchScores]) -> dict[str, str]:
     answers = [
-        first.answer(p, r, d, sc) if not e else {}
+        scorer.answer(p, r, d, sc) if not e else {}
         for p, r, d, sc, e in zip(clean.prob_ai, clean.prob_ai_raw, clean.in_domain, clean.domain_score, clean.errors)
     ]
     preds = pd.DataFrame(
@@ -424,7 +415,7 @@ def _write_outputs(
             "prob_ai_raw": [a.get("prob_ai_raw") for a in answers],
             "in_domain": [a.get("in_domain") for a in answers],
             "domain_score": [a.get("domain_score") for a in answers],
-            "model": ensemble_version(predictors),
+            "model": scorer.version,
             "error": clean.errors,
         }
     )
@@ -450,10 +441,14 @@ def update_card(
     `metrics` is what `evaluate` returned (or a bare `compute_metrics` dict). config.json keeps every other
     field as it was. Returns the new metadata."""
     d = Path(model_dir)
-    meta = ck.read_metadata(d)
+    ensemble = ck.is_ensemble(d)
+    meta = ck.read_ensemble(d) if ensemble else ck.read_metadata(d)
     result = metrics if isinstance(metrics.get("metrics"), dict) else {"metrics": metrics}
-    if len(result.get("models", [])) > 1:
-        raise ck.CheckpointError("these are an ensemble's metrics: they do not belong on one model's card")
+    n_models = len(result.get("models", [])) or (len(meta["members"]) if ensemble else 1)
+    if n_models != (len(meta["members"]) if ensemble else 1):
+        raise ck.CheckpointError(
+            f"these metrics are of {n_models} model(s) (an ensemble's): they do not belong on {d}'s card"
+        )
     m = result["metrics"]
     robustness = robustness if robustness is not None else result.get("robustness")
     split = result.get("split", "eval")
@@ -491,6 +486,6 @@ def update_card(
         )
         meta["limitations_generated"] = True
 
-    ck.write_metadata(d, meta)
+    ck.write_ensemble(d, meta) if ensemble else ck.write_metadata(d, meta)
     log.info("recorded the %s evaluation in %s", split, d)
     return meta

@@ -27,7 +27,7 @@ from torch import nn
 from tqdm import tqdm
 
 from deepfake.config import ConfigError
-from deepfake.inference import Predictor
+from deepfake.inference import Predictor, Scorer
 
 log = logging.getLogger(__name__)
 
@@ -139,57 +139,84 @@ def overlay_image(image: Image.Image, cam: np.ndarray, image_weight: float = 0.5
     return Image.fromarray(show_cam_on_image(rgb, cam, use_rgb=True, image_weight=image_weight))
 
 
-def _target_index(predictor: Predictor, target: str | None) -> int | None:
+def _target_index(classes: Sequence[str], target: str | None) -> int | None:
     if target is None:
         return None
-    if target not in predictor.classes:
-        raise ConfigError(f"target {target!r} is not a class of this model (classes: {predictor.classes})")
-    return predictor.classes.index(target)
+    if target not in classes:
+        raise ConfigError(f"target {target!r} is not a class of this model (classes: {list(classes)})")
+    return list(classes).index(target)
+
+
+def _member_cams(
+    member: Predictor, chunk: list[Image.Image], target_idx: int | None
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """One model's Grad-CAM of a batch, each map at its image's own size, and the model's class probabilities
+    (raw softmax, only to pick the class to explain when none is given)."""
+    cm = cam_model(member)
+    with cm.lock, GradCAM(model=cm.model, target_layers=[cm.layer]) as cam:
+        x = member.preprocess(chunk).clone()  # a normal tensor even if made in inference mode
+        targets = None if target_idx is None else [ClassifierOutputTarget(target_idx)] * len(chunk)
+        cams = cam(input_tensor=x, targets=targets)
+        probs = cam.outputs.detach().float().softmax(1).cpu().numpy()
+        cam.outputs = None  # drop the autograd graph now, not at the next batch
+    return [map_cam_to_image(h, img.width, img.height) for img, h in zip(chunk, cams)], probs
 
 
 def explain_images(
-    predictor: Predictor,
+    predictor: Scorer,
     images: list[Image.Image],
     target: str | None = None,
     batch_size: int = 16,
     progress: bool = False,
 ) -> list[Explanation]:
-    """Grad-CAM for each RGB image, explaining `target` (a class name) or, by default, the predicted class.
-    One forward + backward per batch of `batch_size` images; `progress`: a bar in images."""
+    """Grad-CAM for each RGB image, explaining `target` (a class name) or, by default, the class the scorer
+    predicts. One forward + backward per batch of `batch_size` images and model; an ensemble's map is the mean
+    of its members' maps (each at the image's size), for the class the ensemble predicts."""
     if not images:
         return []
-    target_idx = _target_index(predictor, target)
-    cm = cam_model(predictor)
+    classes = predictor.classes
+    target_idx = _target_index(classes, target)
     out: list[Explanation] = []
     # Grad-CAM needs autograd even when a caller runs under inference_mode/no_grad.
-    with cm.lock, torch.inference_mode(False), torch.enable_grad():
-        with (
-            GradCAM(model=cm.model, target_layers=[cm.layer]) as cam,
-            tqdm(total=len(images), unit="img", desc="explain", disable=not progress, mininterval=2) as bar,
-        ):
-            for start in range(0, len(images), max(1, batch_size)):
-                chunk = images[start : start + max(1, batch_size)]
-                x = predictor.preprocess(chunk).clone()  # a normal tensor even if made in inference mode
-                targets = None if target_idx is None else [ClassifierOutputTarget(target_idx)] * len(chunk)
-                cams = cam(input_tensor=x, targets=targets)
-                probs = cam.outputs.detach().float().softmax(1).cpu().numpy()
-                cam.outputs = None  # drop the autograd graph now, not at the next batch
-                # the verdict with its guard and calibration: one more forward, cheap beside the backward
-                answers = predictor.predict_images(chunk)
-                for img, heat, p, a in zip(chunk, cams, probs, answers):
-                    explained = predictor.classes[int(np.argmax(p)) if target_idx is None else target_idx]
-                    full = map_cam_to_image(heat, img.width, img.height)
-                    out.append(
-                        Explanation(
-                            label=a["label"],
-                            prob_ai=a["prob_ai"],
-                            target=explained,
-                            cam=full,
-                            overlay=overlay_image(img, full),
-                            answer=a,
-                        )
+    with (
+        torch.inference_mode(False),
+        torch.enable_grad(),
+        tqdm(total=len(images), unit="img", desc="explain", disable=not progress, mininterval=2) as bar,
+    ):
+        for start in range(0, len(images), max(1, batch_size)):
+            chunk = images[start : start + max(1, batch_size)]
+            # the verdict with its guard and calibration: one more forward, cheap beside the backward
+            answers = predictor.predict_images(chunk)
+            single = len(predictor.members) == 1
+            # a single model explains its own argmax; an ensemble's members all explain the ensemble's class
+            idx = [target_idx] * len(chunk) if (single or target_idx is not None) else None
+            if idx is None:
+                idx = [classes.index(a["label"]) for a in answers]
+            groups: dict[int | None, list[int]] = {}
+            for i, t in enumerate(idx):
+                groups.setdefault(t, []).append(i)
+            maps: list[list[np.ndarray]] = [[] for _ in chunk]
+            explained = [""] * len(chunk)
+            for t, where in groups.items():
+                part = [chunk[i] for i in where]
+                for member in predictor.members:
+                    cams, probs = _member_cams(member, part, t)
+                    for i, c, p in zip(where, cams, probs):
+                        maps[i].append(c)
+                        explained[i] = classes[int(np.argmax(p)) if t is None else t]
+            for img, ms, a, ex in zip(chunk, maps, answers, explained):
+                full = np.mean(ms, axis=0).astype(np.float32) if len(ms) > 1 else ms[0]
+                out.append(
+                    Explanation(
+                        label=a["label"],
+                        prob_ai=a["prob_ai"],
+                        target=ex,
+                        cam=full,
+                        overlay=overlay_image(img, full),
+                        answer=a,
                     )
-                bar.update(len(chunk))
+                )
+            bar.update(len(chunk))
     return out
 
 

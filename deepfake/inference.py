@@ -20,7 +20,60 @@ from deepfake.model import autocast, input_to_device, pick_device, to_device
 from deepfake.transforms import build_transform
 
 
-class Predictor:
+class Scorer:
+    """What turns images into answers: one model (`Predictor`) or several averaged (`Ensemble`). Both give
+    `members` (the Predictors to run), `combine` (their BatchScores into one) and `answer`, with the scorer's
+    own operating point `op`, uncertainty `band` and `version`."""
+
+    members: list[Predictor]
+    op: Any
+    band: tuple[float, float]
+    version: str
+    classes: list[str]
+
+    def combine(self, per_member: Sequence[BatchScores]) -> BatchScores:
+        return combine_scores(per_member)
+
+    @property
+    def image_size(self) -> int:
+        return max(m.image_size for m in self.members)
+
+    @property
+    def device(self) -> torch.device:
+        return self.members[0].device
+
+    def predict_images(self, images: Sequence[Image.Image]) -> list[dict[str, Any]]:
+        return self.answers(score_images(self.members, images, self.combine))
+
+    def answers(self, s: BatchScores) -> list[dict[str, Any]]:
+        return [
+            self.answer(p, r, d, sc, why)
+            for p, r, d, sc, why in zip(s.prob_ai, s.prob_ai_raw, s.in_domain, s.domain_score, s.reasons)
+        ]
+
+    def answer(
+        self, prob_ai: float, prob_ai_raw: float, in_domain: bool | None, domain_score: float | None, why: str = ""
+    ) -> dict[str, Any]:
+        """One answer: the thresholded `label`, the `verdict` (ai, real or uncertain) with its `reason`, the
+        calibrated and raw P(ai), the guard's `in_domain` and `domain_score`, and the model and threshold."""
+        v, reason = verdict(float(prob_ai), in_domain, self.op.threshold, self.band)
+        if in_domain is False and why:
+            reason = f"{reason}: {why}"
+        return {
+            "label": "ai" if prob_ai >= self.op.threshold else "real",
+            "verdict": v,
+            "reason": reason,
+            "prob_ai": float(prob_ai),
+            "prob_ai_raw": float(prob_ai_raw),
+            "in_domain": in_domain,
+            "domain_score": None if domain_score is None else round(float(domain_score), 4),
+            "threshold": self.op.threshold,
+            "operating_point": self.op.name,
+            "model": self.version,
+        }
+
+
+class Predictor(Scorer):
     """A loaded model plus its own eval transform (size, interpolation, mean/std from its metadata) and its
     trust settings (`meta["trust"]`, written by `deepfake calibrate`): the temperature applied to every
     P(ai), the operating points, the uncertainty band and the out-of-domain guard. A folder without them
@@ -39,11 +92,11 @@ class Predictor:
         taps: Sequence[int] | None = None,
         lowlevel_size: int | None = None,
     ):
-        self.device = pick_device(device) if str(device) in ("auto", "true", "false") else torch.device(device)
+        self._device = pick_device(device) if str(device) in ("auto", "true", "false") else torch.device(device)
         self.meta = meta
         self.classes: list[str] = list(meta["classes"])
         self.ai_index = self.classes.index("ai")
-        self.image_size = int(meta["image_size"])
+        self._image_size = int(meta["image_size"])
         self.amp = amp
         self.channels_last = channels_last
         self.model = to_device(model, self.device, channels_last).eval()
@@ -125,35 +178,64 @@ class Predictor:
         in_domain, score, reasons = self.guard.check(feats, sizes)
         return BatchScores(probs, raw, [bool(v) for v in in_domain], [float(v) for v in score], reasons)
 
-    def predict_images(self, images: Sequence[Image.Image]) -> list[dict[str, Any]]:
-        return self.answers(score_images([self], images))
+    @property
+    def members(self) -> list[Predictor]:
+        return [self]
 
-    def answers(self, s: BatchScores) -> list[dict[str, Any]]:
-        return [
-            self.answer(p, r, d, sc, why)
-            for p, r, d, sc, why in zip(s.prob_ai, s.prob_ai_raw, s.in_domain, s.domain_score, s.reasons)
-        ]
+    @property
+    def image_size(self) -> int:
+        return self._image_size
 
-    def answer(
-        self, prob_ai: float, prob_ai_raw: float, in_domain: bool | None, domain_score: float | None, why: str = ""
-    ) -> dict[str, Any]:
-        """One answer: the thresholded `label`, the `verdict` (ai, real or uncertain) with its `reason`, the
-        calibrated and raw P(ai), the guard's `in_domain` and `domain_score`, and the model and threshold."""
-        v, reason = verdict(float(prob_ai), in_domain, self.op.threshold, self.band)
-        if in_domain is False and why:
-            reason = f"{reason}: {why}"
-        return {
-            "label": "ai" if prob_ai >= self.op.threshold else "real",
-            "verdict": v,
-            "reason": reason,
-            "prob_ai": float(prob_ai),
-            "prob_ai_raw": float(prob_ai_raw),
-            "in_domain": in_domain,
-            "domain_score": None if domain_score is None else round(float(domain_score), 4),
-            "threshold": self.op.threshold,
-            "operating_point": self.op.name,
-            "model": self.version,
-        }
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def combine(self, per_member: Sequence[BatchScores]) -> BatchScores:
+        return per_member[0]
+
+
+class Ensemble(Scorer):
+    """Several models as one: the mean of the members' calibrated P(ai), in domain only where every member's
+    guard says so, answered with the ensemble's own operating points and band when it has them (an ensemble
+    folder calibrated by `deepfake calibrate`), else with the first member's (several --model flags)."""
+
+    def __init__(
+        self,
+        members: Sequence[Predictor],
+        spec: dict[str, Any] | None = None,
+        operating_point: str | float | None = None,
+        name: str | None = None,
+    ):
+        if len(members) < 2:
+            raise ValueError(f"an ensemble needs at least 2 members, got {len(members)}")
+        first = list(members[0].classes)
+        for m in members[1:]:
+            if list(m.classes) != first:
+                raise ValueError(f"{m.version}: classes {m.classes} differ from {first}; cannot average them")
+        self._members = list(members)
+        self.spec = spec or {}
+        self.classes = first
+        trust = self.spec.get("trust") or {}
+        if trust.get("operating_points"):
+            self.operating_points: dict[str, Any] = trust["operating_points"]
+            self.band = tuple(trust.get("band", DEFAULT_BAND))
+            self.op = parse_operating_point(operating_point, self.operating_points)
+        else:
+            self.operating_points = members[0].operating_points
+            self.band = members[0].band
+            self.op = parse_operating_point(operating_point, self.operating_points)
+        names = [m.version for m in members]
+        self.version = f"{name}=ensemble(" + "+".join(names) + ")" if name else ensemble_version(names)
+        self.meta = {**self.spec, "classes": first, "path": self.spec.get("path")}
+        self.temperature = 1.0  # each member's own temperature is applied before the mean
+
+    @property
+    def members(self) -> list[Predictor]:
+        return self._members
+
+    @property
+    def guard(self) -> Any:
+        return None if any(m.guard is None for m in self._members) else [m.guard for m in self._members]
 
 
 @dataclass
@@ -198,10 +280,11 @@ class _LogitsOnly(nn.Module):
         return logits, logits.new_zeros((x.shape[0], 0))
 
 
-def score_images(predictors: Sequence[Predictor], images: Sequence[Image.Image]) -> BatchScores:
-    """One model's scores, or an ensemble's (`combine_scores`)."""
+def score_images(predictors: Sequence[Predictor], images: Sequence[Image.Image], combine: Any = None) -> BatchScores:
+    """One model's scores, or an ensemble's (`combine_scores`, or the given `combine`)."""
     sizes = [img.size for img in images]
-    return combine_scores([p.score_batch(p.preprocess(images), sizes, p.lowlevel(images)) for p in predictors])
+    per = [p.score_batch(p.preprocess(images), sizes, p.lowlevel(images)) for p in predictors]
+    return (combine or combine_scores)(per)
 
 
 def join_features(feats: np.ndarray | None, low: np.ndarray | None) -> np.ndarray | None:
@@ -249,3 +332,86 @@ def ensemble_version(predictors: Sequence[Predictor] | Sequence[str]) -> str:
     """The identifier of one model, or of an ensemble: its members' in order."""
     names = [p if isinstance(p, str) else p.version for p in predictors]
     return names[0] if len(names) == 1 else "ensemble(" + "+".join(names) + ")"
+
+
+def load_scorer(
+    model_dirs: str | Path | Sequence[str | Path],
+    device: str | torch.device = "auto",
+    operating_point: str | float | None = None,
+    **kw: Any,
+) -> Predictor | Ensemble:
+    """What a model argument names, loaded: one model folder (a Predictor), an ensemble folder (its members
+    and its own trust settings) or several folders (an ad-hoc ensemble with the first one's operating point)."""
+    from deepfake.checkpoint import CheckpointError, is_ensemble, read_ensemble
+
+    dirs = [model_dirs] if isinstance(model_dirs, (str, Path)) else list(model_dirs)
+    if not dirs:
+        raise CheckpointError("no model folder given")
+    if len(dirs) == 1 and is_ensemble(dirs[0]):
+        spec = read_ensemble(dirs[0])
+        members = [Predictor.from_dir(d, device=device, **kw) for d in spec["member_dirs"]]
+        try:
+            return Ensemble(members, spec, operating_point, name=Path(spec["path"]).name)
+        except ValueError as e:
+            raise CheckpointError(f"{dirs[0]}: {e}") from None
+    if any(is_ensemble(d) for d in dirs):
+        raise CheckpointError("an ensemble folder cannot be combined with other --model folders; make one ensemble")
+    predictors = [Predictor.from_dir(d, device=device, operating_point=operating_point, **kw) for d in dirs]
+    if len(predictors) == 1:
+        return predictors[0]
+    try:
+        return Ensemble(predictors, None, operating_point)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def scorer_info(model_dirs: str | Path | Sequence[str | Path]) -> dict[str, Any]:
+    """What `load_scorer` would build, read from the folders' metadata alone (no weights), so a command fails
+    fast and knows the version it will write before starting Ray: `version`, `operating_points`, member `metas`."""
+    from deepfake.checkpoint import CheckpointError, is_ensemble, read_ensemble, read_metadata
+
+    dirs = [model_dirs] if isinstance(model_dirs, (str, Path)) else list(model_dirs)
+    if not dirs:
+        raise CheckpointError("no model folder given")
+    if len(dirs) == 1 and is_ensemble(dirs[0]):
+        spec = read_ensemble(dirs[0])
+        metas = [read_metadata(d) for d in spec["member_dirs"]]
+        names = "+".join(model_version(m) for m in metas)
+        ops = (spec.get("trust") or {}).get("operating_points") or (metas[0].get("trust") or {}).get("operating_points")
+        return {"version": f"{Path(spec['path']).name}=ensemble({names})", "operating_points": ops, "metas": metas}
+    if any(is_ensemble(d) for d in dirs):
+        raise CheckpointError("an ensemble folder cannot be combined with other --model folders; make one ensemble")
+    metas = [read_metadata(d) for d in dirs]
+    first = list(metas[0]["classes"])
+    for meta, d in zip(metas[1:], dirs[1:]):
+        if list(meta["classes"]) != first:
+            raise CheckpointError(f"{d}: classes {meta['classes']} differ from {first}; cannot average them")
+    if "ai" not in first:
+        raise CheckpointError(f"{dirs[0]}: the model has no 'ai' class ({first})")
+    return {
+        "version": ensemble_version([model_version(m) for m in metas]),
+        "operating_points": (metas[0].get("trust") or {}).get("operating_points"),
+        "metas": metas,
+    }
+
+
+def throughput(scorer: Scorer, images: int = 512, batch_size: int = 64, side: int = 32) -> dict[str, Any]:
+    """In-process images/s of a scorer on CIFAKE-sized inputs (decoded RGB images of `side` px, everything a
+    verdict needs: resize, normalise, forward(s), guard, answer), after one warm-up batch."""
+    import time
+
+    rng = np.random.default_rng(0)
+    batch = [Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)) for _ in range(batch_size)]
+    scorer.predict_images(batch)
+    n, t0 = 0, time.perf_counter()
+    while n < images:
+        scorer.predict_images(batch)
+        n += batch_size
+    dt = time.perf_counter() - t0
+    return {
+        "images_per_s": n / dt,
+        "ms_per_image": 1000 * dt / n,
+        "batch_size": batch_size,
+        "threads": torch.get_num_threads(),
+        "images": n,
+    }

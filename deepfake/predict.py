@@ -27,11 +27,11 @@ import pandas as pd
 from tqdm import tqdm
 
 from deepfake.calibration import parse_operating_point
-from deepfake.checkpoint import CheckpointError, read_metadata
+from deepfake.checkpoint import CheckpointError
 from deepfake.data import DataError, is_archive, is_hidden, is_manifest, read_manifest, stream_archive, walk_folder
 from deepfake.files import FileTooLarge, read_capped, safe_cell, unsafe_cell
 from deepfake.images import IMAGE_SUFFIXES, BadImage, decode_image
-from deepfake.inference import Predictor, ensemble_version, model_version, score_images
+from deepfake.inference import Scorer, load_scorer, scorer_info
 from deepfake.provenance import load_trust, read_provenance
 
 log = logging.getLogger(__name__)
@@ -63,16 +63,16 @@ def is_image_name(name: str) -> bool:
 
 
 def predict_rows(
-    predictors: Sequence[Predictor],
+    scorer: Scorer,
     filenames: Sequence[str],
     datas: Sequence[bytes | None],
     errors: Sequence[str],
     c2pa_trust: str | None = None,
 ) -> dict[str, np.ndarray]:
     """Decode + predict one batch; an input that arrives with an error or does not decode becomes an error row.
-    Several predictors are an ensemble (`score_images`); its verdict uses the first model's operating point.
+    The scorer is one model or an ensemble (`deepfake.inference.load_scorer`).
     Each row also carries the file's provenance (C2PA, generator metadata), read from its original bytes."""
-    version = ensemble_version(predictors)
+    version = scorer.version
     n = len(filenames)
     rows: list[dict[str, Any]] = [
         {**dict.fromkeys(COLUMNS, ""), "in_domain": None, "domain_score": None} for _ in range(n)
@@ -91,7 +91,7 @@ def predict_rows(
         prov = read_provenance(data or b"", c2pa_trust)
         rows[i].update({"provenance": prov["provenance"], "provenance_reason": prov["reason"]})
     if images:
-        for i, answer in zip(index, predictors[0].answers(score_images(predictors, images))):
+        for i, answer in zip(index, scorer.predict_images(images)):
             rows[i].update(answer)
     out = {c: np.array([r.get("label", "") if c == "class" else r[c] for r in rows], dtype=object) for c in COLUMNS}
     out["filename"] = np.asarray(filenames, dtype=object)
@@ -99,25 +99,6 @@ def predict_rows(
     out["prob_ai"] = np.array([np.nan if r["prob_ai"] == "" else r["prob_ai"] for r in rows], dtype=np.float64)
     out["prob_ai_raw"] = np.array([np.nan if r["prob_ai_raw"] == "" else r["prob_ai_raw"] for r in rows])
     return out
-
-
-def load_predictors(
-    model_dirs: Sequence[str | Path], device: str = "auto", operating_point: str | float | None = None
-) -> list[Predictor]:
-    predictors = [  # traced on CPU: faster
-        Predictor.from_dir(d, device=device, jit=True, operating_point=operating_point) for d in model_dirs
-    ]
-    check_compatible([p.meta for p in predictors], model_dirs)
-    return predictors
-
-
-def check_compatible(metas: Sequence[dict], model_dirs: Sequence[str | Path]) -> None:
-    first = list(metas[0]["classes"])
-    for meta, d in zip(metas[1:], model_dirs[1:]):
-        if list(meta["classes"]) != first:
-            raise CheckpointError(f"{d}: classes {meta['classes']} differ from {first}; cannot average them")
-    if "ai" not in first:
-        raise CheckpointError(f"{model_dirs[0]}: the model has no 'ai' class ({first})")
 
 
 class BatchPredictor:
@@ -134,12 +115,12 @@ class BatchPredictor:
             import torch
 
             torch.set_num_threads(threads)
-        self.predictors = load_predictors(model_dirs, operating_point=operating_point)
+        self.scorer = load_scorer(model_dirs, operating_point=operating_point, jit=True)  # traced on CPU: faster
         self.c2pa_trust = c2pa_trust
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return predict_rows(
-            self.predictors, list(batch["filename"]), list(batch["data"]), list(batch["error"]), self.c2pa_trust
+            self.scorer, list(batch["filename"]), list(batch["data"]), list(batch["error"]), self.c2pa_trust
         )
 
 
@@ -361,11 +342,10 @@ def predict(
     dirs = [str(model_dirs)] if isinstance(model_dirs, (str, Path)) else [str(d) for d in model_dirs]
     if not dirs:
         raise CheckpointError("no model given")
-    metas = [read_metadata(d) for d in dirs]  # fail fast, before Ray starts
-    check_compatible(metas, dirs)
-    parse_operating_point(operating_point, (metas[0].get("trust") or {}).get("operating_points"))
+    info = scorer_info(dirs)  # fail fast, before Ray starts
+    parse_operating_point(operating_point, info["operating_points"])
     trust_pem = load_trust(c2pa_trust)
-    version = ensemble_version([model_version(m) for m in metas])
+    version = info["version"]
     src = Path(path).expanduser()
     if not src.exists():
         raise DataError(f"input not found: {path}")

@@ -57,10 +57,19 @@ STATUS_FOR_REASON = {
 }
 
 
+MAX_MODELS_PER_REPLICA = 3  # named models a Detector/Explainer replica keeps loaded (least recently used go)
+MODEL_HEADER = "serve_multiplexed_model_id"  # Serve's own header for a multiplexed model id
+
+
 class ServeArgs(BaseModel):
     """Application arguments (the `args:` block of serve_config.yaml)."""
 
     model: str | None = Field(None, description="model folder (default: models/cifake-b0)")
+    models_dir: str | None = Field(
+        None,
+        description="folder of model folders a request may name (?model=NAME or the serve_multiplexed_model_id "
+        "header); default: the folder holding the default model",
+    )
     device: str = "auto"
     operating_point: str | None = Field(
         None, description="threshold on calibrated P(ai), or a recorded point: fpr=0.01, fpr=0.05, eer (default 0.5)"
@@ -126,7 +135,17 @@ SECURITY_HEADERS = {
 
 # Keys of the model metadata that hold paths of the machine that trained or serves the model: /model leaves
 # them out, so the endpoint does not map the server's (or the trainer's) file system for its callers.
-PRIVATE_KEYS = {"path", "out", "storage_path", "file", "pretrained", "run_dir", "source", "skipped_files"}
+PRIVATE_KEYS = {
+    "path",
+    "member_dirs",
+    "out",
+    "storage_path",
+    "file",
+    "pretrained",
+    "run_dir",
+    "source",
+    "skipped_files",
+}
 
 
 def public_meta(value: Any) -> Any:
@@ -212,6 +231,20 @@ def _replica_id() -> str:
         return "local"
 
 
+def servable_models(models_dir: str | Path) -> dict[str, str]:
+    """Name -> version of every model or ensemble folder directly inside `models_dir` (what `?model=` accepts)."""
+    from deepfake.inference import scorer_info
+
+    out = {}
+    root = Path(models_dir)
+    for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root.is_dir() else []:
+        try:
+            out[d.name] = scorer_info(d)["version"]
+        except Exception:  # noqa: BLE001 - not a model folder (or a broken one): not servable by name
+            continue
+    return out
+
+
 def _dummy_images(size: int, n: int) -> list[Image.Image]:
     return [Image.new("RGB", (size, size), (i * 40 % 256, 128, 200)) for i in range(n)]
 
@@ -288,15 +321,20 @@ class Detector:
         jit: bool = True,
         threads: int | None = None,
         operating_point: str | None = None,
+        models_dir: str | None = None,
     ):
-        from deepfake.inference import Predictor
+        from deepfake.inference import load_scorer
 
         if threads:
             import torch
 
             torch.set_num_threads(threads)
         # traced: its forward leaves the GIL to the event loop that receives the next requests
-        self.predictor = Predictor.from_dir(model_dir, device=device, jit=jit, operating_point=operating_point)
+        self.load_kw = {"device": device, "jit": jit, "operating_point": operating_point}
+        self.predictor = load_scorer(model_dir, **self.load_kw)
+        self.default_name = Path(model_dir).name
+        self.models_dir = Path(models_dir or Path(model_dir).parent)
+        self.max_batch_size = max_batch_size
         self.predict.set_max_batch_size(max_batch_size)
         self.predict.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self.merger = ForwardMerger(self.predictor.predict_images, max_batch_size)
@@ -311,10 +349,26 @@ class Detector:
             self.last_ok = time.monotonic()
         log.info("Detector %s ready: %s on %s", self.replica, self.predictor.version, self.predictor.device)
 
-    # sizes are set per replica in __init__ from ServeArgs; batches enter at once and merge in ForwardMerger
+    @serve.multiplexed(max_num_models_per_replica=MAX_MODELS_PER_REPLICA)
+    async def get_model(self, name: str) -> Any:
+        """A model folder of the models directory by name, loaded on first use with its own ForwardMerger;
+        Serve drops the least recently used beyond MAX_MODELS_PER_REPLICA (the Ingress checked the name)."""
+        from deepfake.inference import load_scorer
+
+        scorer = await asyncio.to_thread(load_scorer, str(self.models_dir / name), **self.load_kw)
+        scorer.merger = ForwardMerger(scorer.predict_images, self.max_batch_size)
+        log.info("Detector %s loaded model %s: %s", self.replica, name, scorer.version)
+        return scorer
+
+    async def _merger(self) -> ForwardMerger:
+        name = serve.get_multiplexed_model_id()
+        return self.merger if not name or name == self.default_name else (await self.get_model(name)).merger
+
+    # sizes are set per replica in __init__ from ServeArgs; batches enter at once and merge in ForwardMerger;
+    # Serve splits a batch by multiplexed model id, so every batch is one model's
     @serve.batch(max_concurrent_batches=64)
     async def predict(self, images: list[Image.Image]) -> list[dict[str, Any]]:
-        verdicts, n = await self.merger.submit(images)
+        verdicts, n = await (await self._merger()).submit(images)
         self.last_ok = time.monotonic()
         return [{**v, "batch_size": n, "replica": self.replica} for v in verdicts]
 
@@ -341,8 +395,8 @@ class Detector:
             return
         import numpy as np
 
-        probs = self.predictor.predict_tensor(self.predictor.preprocess(_dummy_images(self.predictor.image_size, 1)))
-        if not np.isfinite(probs.numpy()).all():
+        answer = self.predictor.predict_images(_dummy_images(self.predictor.image_size, 1))[0]
+        if not np.isfinite([answer["prob_ai"], answer["prob_ai_raw"]]).all():
             raise RuntimeError("model produced non-finite output")
         self.last_ok = time.monotonic()
 
@@ -352,11 +406,20 @@ class Explainer:
     """Grad-CAM needs gradients and hooks the model, so it gets its own replicas and model copy."""
 
     def __init__(
-        self, model_dir: str, device: str, max_batch_size: int, warmup: bool, operating_point: str | None = None
+        self,
+        model_dir: str,
+        device: str,
+        max_batch_size: int,
+        warmup: bool,
+        operating_point: str | None = None,
+        models_dir: str | None = None,
     ):
-        from deepfake.inference import Predictor
+        from deepfake.inference import load_scorer
 
-        self.predictor = Predictor.from_dir(model_dir, device=device, operating_point=operating_point)
+        self.load_kw = {"device": device, "operating_point": operating_point}
+        self.predictor = load_scorer(model_dir, **self.load_kw)
+        self.default_name = Path(model_dir).name
+        self.models_dir = Path(models_dir or Path(model_dir).parent)
         self.explain.set_max_batch_size(max_batch_size)
         self.batch_sizes: Counter[int] = Counter()
         self.replica = _replica_id()
@@ -369,9 +432,18 @@ class Explainer:
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.02)
     async def explain(self, items: list[tuple[Image.Image, str | None]]) -> list[dict[str, Any]]:
         self.batch_sizes[len(items)] += 1
-        return await asyncio.to_thread(self._explain_sync, items)
+        name = serve.get_multiplexed_model_id()
+        scorer = self.predictor if not name or name == self.default_name else await self.get_model(name)
+        return await asyncio.to_thread(self._explain_sync, scorer, items)
 
-    def _explain_sync(self, items: list[tuple[Image.Image, str | None]]) -> list[dict[str, Any]]:
+    @serve.multiplexed(max_num_models_per_replica=MAX_MODELS_PER_REPLICA)
+    async def get_model(self, name: str) -> Any:
+        """A model folder of the models directory by name (see Detector.get_model)."""
+        from deepfake.inference import load_scorer
+
+        return await asyncio.to_thread(load_scorer, str(self.models_dir / name), **self.load_kw)
+
+    def _explain_sync(self, scorer: Any, items: list[tuple[Image.Image, str | None]]) -> list[dict[str, Any]]:
         from deepfake.explain import explain_images
 
         out: list[dict[str, Any] | None] = [None] * len(items)
@@ -379,14 +451,14 @@ class Explainer:
         for i, (_, target) in enumerate(items):
             by_target.setdefault(target, []).append(i)
         for target, idx in by_target.items():
-            exps = explain_images(self.predictor, [items[i][0] for i in idx], target=target)
+            exps = explain_images(scorer, [items[i][0] for i in idx], target=target)
             for i, e in zip(idx, exps):
                 out[i] = {
                     **e.answer,
                     "label": e.label,
                     "prob_ai": float(e.prob_ai),
                     "target": e.target,
-                    "model": self.predictor.version,
+                    "model": scorer.version,
                     "overlay_png": png_bytes(e.overlay),
                     "width": e.overlay.width,
                     "height": e.overlay.height,
@@ -397,7 +469,7 @@ class Explainer:
         return {"replica": self.replica, "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())}}
 
     def check_health(self) -> None:
-        if self.predictor.model is None:
+        if any(m.model is None for m in self.predictor.members):
             raise RuntimeError("model not loaded")
 
 
@@ -406,16 +478,20 @@ class Ingress:
     """HTTP front door: parsing, validation, routing and error mapping; the models live behind handles."""
 
     def __init__(self, detector: DeploymentHandle, explainer: DeploymentHandle | None, model_dir: str, settings: dict):
-        from deepfake.checkpoint import read_metadata
-        from deepfake.inference import model_version
+        from deepfake.checkpoint import is_ensemble, read_ensemble
+        from deepfake.inference import scorer_info
 
         self.detector = detector
         self.explainer = explainer
         self.model_dir = model_dir
-        self.meta = read_metadata(model_dir)
-        self.version = model_version(self.meta)
+        self.models_dir = Path(settings.get("models_dir") or Path(model_dir).parent)
+        self.default_name = Path(model_dir).name
+        self.models = servable_models(self.models_dir)
+        info = scorer_info(model_dir)
+        self.meta = read_ensemble(model_dir) if is_ensemble(model_dir) else info["metas"][0]
+        self.version = info["version"]
         self.public_meta = public_meta(self.meta)
-        self.classes = list(self.meta["classes"])
+        self.classes = list(info["metas"][0]["classes"])
         self.max_body = int(settings["max_body_bytes"])
         self.max_pixels = int(settings["max_pixels"])
         self.max_request_pixels = int(settings.get("max_request_pixels") or 2 * MAX_PIXELS)
@@ -458,6 +534,7 @@ class Ingress:
             ("GET", "/index.html"): self._page,
             ("GET", "/healthz"): self._healthz,
             ("GET", "/model"): self._model,
+            ("GET", "/models"): self._models,
             ("GET", "/stats"): self._stats,
             ("POST", "/predict"): self._predict,
             ("POST", "/explain"): self._explain,
@@ -506,7 +583,38 @@ class Ingress:
         return JSONResponse({"status": "ok", "model": self.version})
 
     async def _model(self, request: Request) -> Response:
-        return JSONResponse({"version": self.version, "meta": self.public_meta})
+        name = self._model_name(request)
+        if not name:
+            return JSONResponse({"version": self.version, "meta": self.public_meta})
+        from deepfake.checkpoint import is_ensemble, read_ensemble, read_metadata
+
+        d = self.models_dir / name
+        meta = await asyncio.to_thread(lambda: read_ensemble(d) if is_ensemble(d) else read_metadata(d))
+        return JSONResponse({"name": name, "version": self.models[name], "meta": public_meta(meta)})
+
+    async def _models(self, request: Request) -> Response:
+        self.models = await asyncio.to_thread(servable_models, self.models_dir)
+        return JSONResponse({"default": {"name": self.default_name, "version": self.version}, "models": self.models})
+
+    def _model_name(self, request: Request) -> str:
+        """The model a request names (?model= or Serve's multiplexing header), checked against the models
+        directory ('' for the default); an unknown name is a 404 that lists the known ones."""
+        name = (request.query_params.get("model") or request.headers.get(MODEL_HEADER) or "").strip()
+        if not name or name == self.default_name:
+            return ""
+        if name not in self.models:  # a folder added since start-up is found on the next miss
+            self.models = servable_models(self.models_dir)
+        if name not in self.models or "/" in name or name.startswith("."):
+            raise HTTPError(
+                404,
+                "unknown_model",
+                f"no model {name!r} here; GET /models lists them",
+                models=[self.default_name, *sorted(n for n in self.models if n != self.default_name)],
+            )
+        return name
+
+    def _handle(self, handle: DeploymentHandle, name: str) -> DeploymentHandle:
+        return handle.options(multiplexed_model_id=name) if name else handle
 
     async def _stats(self, request: Request) -> Response:
         det = await self._call(self.detector.stats)
@@ -521,10 +629,11 @@ class Ingress:
 
     async def _predict(self, request: Request) -> Response:
         t0 = time.perf_counter()
+        detector = self._handle(self.detector, self._model_name(request))
         files = await self._read_images(request)
 
         async def one(name: str, img: Image.Image, prov: dict[str, Any] | None) -> dict[str, Any]:
-            v = await self._call(self.detector.predict, img)
+            v = await self._call(detector.predict, img)
             return {
                 "filename": name,
                 **v,
@@ -544,11 +653,12 @@ class Ingress:
             raise HTTPError(400, "bad_target", f"target must be one of {self.classes}, got {target!r}")
         if self.explainer is None:
             raise HTTPError(501, "explain_disabled", "this deployment serves predictions only (explain=false)")
+        explainer = self._handle(self.explainer, self._model_name(request))
         as_json = wants_json(request.headers.get("accept", ""), request.query_params.get("format"))
         files = await self._read_images(request)
         if not as_json and len(files) > 1:
             raise HTTPError(400, "one_image_for_png", "a PNG answer holds one image; use ?format=json for several")
-        outs = await asyncio.gather(*(self._call(self.explainer.explain, (img, target)) for _, img, _ in files))
+        outs = await asyncio.gather(*(self._call(explainer.explain, (img, target)) for _, img, _ in files))
         ms = round((time.perf_counter() - t0) * 1000, 2)
         if not as_json:
             o = outs[0]
@@ -673,6 +783,7 @@ def build_app(args: ServeArgs | dict[str, Any] | None = None) -> serve.Applicati
     """The application graph: Ingress -> (Detector, Explainer), with resources and queue limits."""
     a = args if isinstance(args, ServeArgs) else ServeArgs.model_validate(args or {})
     model_dir = check_app_args(a.model_dump())
+    models_dir = str(locate(a.models_dir, Path.is_dir).resolve()) if a.models_dir else str(Path(model_dir).parent)
     det_gpu, exp_gpu = gpu_shares(a, cluster_gpu_count())
     bs = a.max_batch_size
     detector = Detector.options(
@@ -692,7 +803,17 @@ def build_app(args: ServeArgs | dict[str, Any] | None = None) -> serve.Applicati
             },
             **a.detector_options,
         }
-    ).bind(model_dir, a.device, bs, a.batch_wait_timeout_s, a.warmup, a.jit, a.detector_threads, a.operating_point)
+    ).bind(
+        model_dir,
+        a.device,
+        bs,
+        a.batch_wait_timeout_s,
+        a.warmup,
+        a.jit,
+        a.detector_threads,
+        a.operating_point,
+        models_dir,
+    )
     explainer = (
         None
         if not a.explain
@@ -709,10 +830,11 @@ def build_app(args: ServeArgs | dict[str, Any] | None = None) -> serve.Applicati
                 },
                 **a.explainer_options,
             }
-        ).bind(model_dir, a.device, a.explain_batch_size, a.warmup, a.operating_point)
+        ).bind(model_dir, a.device, a.explain_batch_size, a.warmup, a.operating_point, models_dir)
     )
     settings = a.model_dump(
         include={
+            "models_dir",
             "max_body_bytes",
             "max_pixels",
             "max_request_pixels",
@@ -725,6 +847,7 @@ def build_app(args: ServeArgs | dict[str, Any] | None = None) -> serve.Applicati
             "rate_burst",
         }
     )
+    settings["models_dir"] = models_dir
     if a.c2pa_trust:
         settings["c2pa_trust"] = str(locate(a.c2pa_trust))  # replicas run elsewhere: an absolute path
     if a.api_keys_file:
@@ -751,19 +874,19 @@ def check_app_args(args: dict[str, Any]) -> str:
     """The args' model folder (resolved), after checking their C2PA trust file reads and their operating point
     is one the model recorded: a bad setting fails here, before anything is deployed."""
     from deepfake.calibration import CalibrationError, parse_operating_point
-    from deepfake.checkpoint import read_metadata
     from deepfake.config import ConfigError
+    from deepfake.inference import scorer_info
 
     model_dir = str(resolve_model_dir(args.get("model")))
+    if args.get("models_dir") and not locate(args["models_dir"], Path.is_dir).is_dir():
+        raise ConfigError(f"models_dir {args['models_dir']!r} is not a folder")
     try:
         load_trust(locate(args["c2pa_trust"]) if args.get("c2pa_trust") else None)
         load_keys(locate(args["api_keys_file"]) if args.get("api_keys_file") else None)
     except ValueError as e:  # ProvenanceError, AuthError
         raise ConfigError(str(e)) from None
     try:
-        parse_operating_point(
-            args.get("operating_point"), (read_metadata(model_dir).get("trust") or {}).get("operating_points")
-        )
+        parse_operating_point(args.get("operating_point"), scorer_info(model_dir)["operating_points"])
     except CalibrationError as e:
         raise ConfigError(f"{model_dir}: {e}") from None
     return model_dir
@@ -1021,6 +1144,7 @@ def run_local(
     c2pa_trust: str | None = None,
     api_keys: str | None = None,
     rate_limit: float | None = None,
+    models_dir: str | None = None,
 ) -> None:
     """`deepfake serve`: deploy the config's application and block until Ctrl-C."""
     import ray
@@ -1032,6 +1156,8 @@ def run_local(
         spec["args"]["api_keys_file"] = str(Path(api_keys).resolve())
     if rate_limit:
         spec["args"]["rate_limit"] = rate_limit
+    if models_dir:
+        spec["args"]["models_dir"] = str(Path(models_dir).resolve())
     check_app_args(spec["args"])  # a missing model or unknown operating point fails before Ray starts
     warn_if_open(spec)
     try:

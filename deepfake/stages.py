@@ -151,6 +151,7 @@ RECIPES = {
     "gpu": ("cifake-b0-gpu.yaml",),
     "cpu": ("cifake-b0.yaml", "cifake-b0-finetune.yaml"),
     "robust": ("cifake-b0-robust.yaml",),  # one epoch from models/cifake-b0 with resize/blur/JPEG/crop degradations
+    "lite0": ("cifake-lite0.yaml",),  # ImageNet EfficientNet-Lite0 fine-tuned at 96 px (needs deepfake[lite])
 }
 SHIPPED_RECIPE = "gpu"
 SHIPPED_LIMITATIONS = (

@@ -23,7 +23,7 @@ from deepfake.data import DataError, data_credits
 from deepfake.files import is_occupied
 from deepfake.labels import CLASSES
 from deepfake.loop import LocalSession, prepare_splits, run_loop, with_pretrained
-from deepfake.model import create_model, data_config, pick_device, resolve_pretrained
+from deepfake.model import PACKAGED, create_model, data_config, packaged_weights, pick_device, resolve_pretrained
 
 log = logging.getLogger(__name__)
 
@@ -283,6 +283,8 @@ def export_best(cfg, best, metrics, history, rep, seconds, hardware: str, pretra
         hardware=f"{hardware} on {ckpt_io.host_info()}",
         credits=data_credits(rep["source"]),
     )
+    if pretrained.startswith(PACKAGED):  # the card names where the initial weights came from, and their licence
+        meta["weights_origin"] = packaged_weights(pretrained)[1]
     parent = ckpt_io.parent_model(pretrained)
     if parent:
         meta["parent"] = {**parent, "path": cfg.model.pretrained}  # as given, not this machine's absolute path

@@ -127,3 +127,18 @@ def real_photos(size: int | None = None) -> dict[str, Image.Image]:
         img = Image.fromarray(getattr(data, name)()).convert("RGB")
         out[name] = img.resize((size, size), Image.Resampling.BICUBIC) if size else img
     return out
+
+
+@pytest.fixture(scope="session")
+def model_zoo(calibrated_model_dir, tmp_path_factory) -> Path:
+    """A models folder as a server sees one: `calibrated` (the session's calibrated model), `other` (a second,
+    differently trained and calibrated model) and `pair`, an ensemble folder of the two with its own
+    operating points (deepfake make-ensemble)."""
+    from deepfake.calibrate import calibrate, make_ensemble
+
+    zoo = tmp_path_factory.mktemp("zoo")
+    shutil.copytree(calibrated_model_dir, zoo / "calibrated")
+    train_small_model(zoo / "other", epochs=1, seed=1)
+    calibrate(zoo / "other", progress=False, device="cpu")
+    make_ensemble(zoo / "pair", [zoo / "calibrated", zoo / "other"], progress=False, device="cpu")
+    return zoo

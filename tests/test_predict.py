@@ -17,7 +17,7 @@ from deepfake.cli import main
 from deepfake.config import ModelConfig
 from deepfake.data import SAMPLE_DIR, DataError
 from deepfake.images import decode_image
-from deepfake.inference import Predictor
+from deepfake.inference import Ensemble, Predictor
 from deepfake.model import create_model
 from deepfake.predict import (
     COLUMNS,
@@ -50,7 +50,7 @@ def test_predict_rows_decodes_and_turns_bad_bytes_into_error_rows(trained_model_
     pred = Predictor.from_dir(trained_model_dir, device="cpu")
     good = [p.read_bytes() for p in sorted((SAMPLE_DIR / "REAL").iterdir())[:3]]
     rows = predict_rows(
-        [pred],
+        pred,
         ["a", "bad", "b", "gone", "c"],
         [good[0], b"junk", good[1], None, good[2]],
         ["", "", "", "unreadable: x", ""],
@@ -81,7 +81,7 @@ def test_ensemble_is_the_mean_probability(trained_model_dir, tmp_path):
     other = save_model(create_model(ModelConfig(arch=meta["arch"])), tmp_path / "random", {**meta, "created": "x"})
     a, b = Predictor.from_dir(trained_model_dir, device="cpu"), Predictor.from_dir(other, device="cpu")
     data = [p.read_bytes() for p in sorted((SAMPLE_DIR / "FAKE").iterdir())[:4]]
-    rows = predict_rows([a, b], list("wxyz"), data, [""] * 4)
+    rows = predict_rows(Ensemble([a, b]), list("wxyz"), data, [""] * 4)
     imgs = [decode_image(d) for d in data]
     mean = [(x["prob_ai"] + y["prob_ai"]) / 2 for x, y in zip(a.predict_images(imgs), b.predict_images(imgs))]
     np.testing.assert_allclose(rows["prob_ai"], mean, atol=1e-6)

@@ -71,7 +71,7 @@ API_KEY = "test-key-0123456789abcdef"
 
 
 @pytest.fixture(scope="module")
-def app_url(ray_local, trained_model_dir, tmp_path_factory):
+def app_url(ray_local, trained_model_dir, model_zoo, tmp_path_factory):
     from ray import serve
 
     from deepfake.serve import build_app
@@ -81,7 +81,9 @@ def app_url(ray_local, trained_model_dir, tmp_path_factory):
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(
-        build_app(serve_args(trained_model_dir, max_batch_size=16, batch_wait_timeout_s=0.05)),
+        build_app(
+            serve_args(trained_model_dir, max_batch_size=16, batch_wait_timeout_s=0.05, models_dir=str(model_zoo))
+        ),
         name="deepfake",
         route_prefix="/",
         blocking=False,
@@ -660,3 +662,35 @@ def test_request_pixel_budget_and_format_allow_list(app_url):
     Image.new("RGB", (16, 16)).save(ico, format="ICO")
     r = httpx.post(f"{app_url}/predict", content=ico.getvalue(), timeout=60)
     assert r.status_code == 415 and r.json()["error"] == "unsupported_format" and "ICO" in r.json()["detail"]
+
+
+def test_models_are_served_by_name_from_one_deployment(app_url, model_zoo, trained_model_dir):
+    """Serve's model multiplexing: ?model=NAME or the serve_multiplexed_model_id header picks a folder of the
+    models directory (an ensemble folder like any other), the default model when none is named, 404 JSON for
+    an unknown name; the ensemble's answer is the mean of its members' calibrated P(ai)."""
+    from deepfake.inference import load_scorer, scorer_info
+
+    listing = httpx.get(f"{app_url}/models", timeout=30).json()
+    assert listing["default"]["name"] == trained_model_dir.name
+    assert set(listing["models"]) >= {"calibrated", "other", "pair"}
+    body = jpeg_bytes(seed=3)
+    default = httpx.post(f"{app_url}/predict", content=body, timeout=60).json()["results"][0]
+    assert default["model"] == scorer_info(trained_model_dir)["version"]
+    pair = httpx.post(f"{app_url}/predict?model=pair", content=body, timeout=60).json()["results"][0]
+    other = httpx.post(
+        f"{app_url}/predict", content=body, headers={"serve_multiplexed_model_id": "other"}, timeout=60
+    ).json()["results"][0]
+    calibrated = httpx.post(f"{app_url}/predict?model=calibrated", content=body, timeout=60).json()["results"][0]
+    assert pair["model"] == scorer_info(model_zoo / "pair")["version"]
+    assert other["model"] == scorer_info(model_zoo / "other")["version"]
+    assert pair["prob_ai"] == pytest.approx((other["prob_ai"] + calibrated["prob_ai"]) / 2, abs=1e-4)
+    local = load_scorer(model_zoo / "pair", device="cpu").predict_images([Image.open(io.BytesIO(body)).convert("RGB")])
+    assert pair["prob_ai"] == pytest.approx(local[0]["prob_ai"], abs=1e-4)
+    r = httpx.post(f"{app_url}/predict?model=nope", content=body, timeout=30)
+    assert r.status_code == 404 and r.json()["error"] == "unknown_model" and "pair" in r.json()["models"]
+    r = httpx.post(f"{app_url}/predict?model=../calibrated", content=body, timeout=30)
+    assert r.status_code == 404
+    r = httpx.post(f"{app_url}/explain?model=pair&format=json", content=body, timeout=120)
+    assert r.status_code == 200 and r.json()["results"][0]["model"] == pair["model"]
+    meta = httpx.get(f"{app_url}/model?model=pair", timeout=30).json()
+    assert meta["name"] == "pair" and "member_dirs" not in meta["meta"] and "trust" in meta["meta"]

@@ -179,7 +179,7 @@ def test_csv_rows_and_explanations_carry_the_guard(calibrated_model_dir, sample_
     photo.save(buf, format="JPEG")
     cifake = sorted((sample_dir / "REAL").iterdir())[0].read_bytes()
     p = Predictor.from_dir(calibrated_model_dir, device="cpu", jit=True, operating_point="fpr=0.05")
-    rows = predict_rows([p], ["photo.jpg", "cifake.jpg"], [buf.getvalue(), cifake], ["", ""])
+    rows = predict_rows(p, ["photo.jpg", "cifake.jpg"], [buf.getvalue(), cifake], ["", ""])
     assert list(rows["verdict"])[0] == "uncertain" and rows["in_domain"][0] is False
     assert rows["operating_point"][0] == "fpr=0.05" and isinstance(rows["domain_score"][1], float)
     assert rows["prob_ai_raw"][1] == pytest.approx(
