@@ -227,7 +227,7 @@ TUNE_FLAGS: dict[str, tuple[str, type, str]] = {
     "--trial-scheduler": (
         "tune.scheduler",
         str,
-        "asha-stop (Ray's ASHAScheduler, the default) | asha (pause + promote) | hyperband | bohb (Ray's) | fifo",
+        "asha (Ray's ASHAScheduler, the default) | hyperband | bohb (Ray's HyperBand schedulers) | fifo",
     ),
     "--searcher": ("tune.searcher", str, "optuna (TPE) | random"),
     "--max-concurrent": ("tune.max_concurrent", int, "trials at once"),

@@ -96,11 +96,10 @@ class TuneConfig(Section):
     epochs: int = 4  # per-trial budget (ASHA max_t)
     grace_period: int = 1
     reduction_factor: int = 2
-    # asha-stop: Ray's ASHAScheduler (a trial goes on if it beats the rung so far), the default: the promoting
-    # variant did not beat it in bench/tune_efficiency.py (171 s against 163 s, the same trial-epochs and the
-    # same chosen config); asha: pause trials at each rung, resume the top 1/reduction_factor (deepfake.asha,
-    # the paper's variant); hyperband, bohb: Ray's HyperBand schedulers; fifo: every trial in full
-    scheduler: str = "asha-stop"
+    # asha: Ray's ASHAScheduler (a trial goes on if it beats the rung so far); a hand-written promoting ASHA
+    # did not beat it in bench/tune_efficiency.py (171 s against 163 s, the same trial-epochs and the same
+    # chosen config) and was removed; hyperband, bohb: Ray's HyperBand schedulers; fifo: every trial in full
+    scheduler: str = "asha"
     searcher: str = "optuna"  # optuna (TPE) or random
     max_concurrent: int = 2
     workers_per_trial: int = 1

@@ -58,7 +58,8 @@ RESERVED = {
     "train.out": "trials export nothing; best_config.yaml is the result",
 }
 SEARCHERS = ("optuna", "random")
-SCHEDULERS = ("asha", "asha-stop", "hyperband", "bohb", "fifo")
+SCHEDULERS = ("asha", "hyperband", "bohb", "fifo")
+RENAMED_SCHEDULERS = {"asha-stop": "asha"}  # configs saved while "asha" named the removed promoting ASHA
 PAUSING = ("hyperband", "bohb")  # Ray's schedulers whose paused trials must not hold a concurrency slot
 EXPERIMENT_FILE = "search_config.yaml"
 DRIVER_CPU = 0.01  # a multi-worker trial's function only waits on its TorchTrainer (0 CPUs is refused by Tune)
@@ -231,6 +232,7 @@ def validate(cfg: Config) -> dict[str, ParamSpec]:
     if t.grace_period > t.epochs:
         raise ConfigError(f"tune.grace_period ({t.grace_period}) exceeds the per-trial budget tune.epochs ({t.epochs})")
     one_of("tune.mode", t.mode, ("min", "max"))
+    t.scheduler = RENAMED_SCHEDULERS.get(t.scheduler, t.scheduler)
     one_of("tune.scheduler", t.scheduler, SCHEDULERS)
     if t.scheduler == "bohb":
         bohb_searcher(cfg)  # its optional packages missing: refused before Ray starts
@@ -437,23 +439,14 @@ def _trial(params: dict[str, Any], splits: dict, base: dict, train_storage: str)
     trainer.fit()
 
 
-def make_searcher(
-    cfg: Config,
-    specs: dict[str, ParamSpec],
-    paused: set[str] | None = None,
-    points=None,
-    scheduler: str | None = None,
-):
+def make_searcher(cfg: Config, specs: dict[str, ParamSpec], points=None, scheduler: str | None = None):
     """Optuna TPE behind a concurrency limit; random search when asked, or when Optuna is missing.
 
-    `paused`: the promoting scheduler's paused trials, which must not hold a concurrency slot.
     `points` (benchmarks): evaluate exactly these configs, in order, with the random generator.
     `scheduler` (default tune.scheduler): bohb gets its own searcher; Ray's pausing HyperBand schedulers
     (PAUSING) get no searcher-side limit, since their paused trials would hold its slots for ever: the
     trials' CPU/GPU requests bound how many run at once."""
     from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
-
-    from deepfake.asha import limit_active
 
     t = cfg.tune
     name = scheduler or t.scheduler
@@ -468,14 +461,8 @@ def make_searcher(
             log.warning("optuna is not installed: falling back to random search")
         else:
             tpe = OptunaSearch(seed=cfg.train.seed)
-            if not limit:
-                return tpe
-            if paused is not None:
-                return limit_active(tpe, limit, paused)
-            return ConcurrencyLimiter(tpe, max_concurrent=limit)
+            return ConcurrencyLimiter(tpe, max_concurrent=limit) if limit else tpe
     kwargs = {"points_to_evaluate": points} if points else {"random_state": cfg.train.seed}
-    if paused is not None:
-        return limit_active(None, limit, paused, **kwargs)
     return BasicVariantGenerator(max_concurrent=limit, **kwargs)
 
 
@@ -493,30 +480,12 @@ def bohb_searcher(cfg: Config, points=None):
         ) from None
 
 
-def n_trials(cfg: Config, specs: dict[str, ParamSpec]) -> int:
-    """Trials a search will run: `samples`, times every grid's size (Tune repeats the grid per sample)."""
-    return cfg.tune.samples * math.prod(len(s.args) for s in specs.values() if s.dist == "grid")
-
-
 def make_scheduler(cfg: Config, specs: dict[str, ParamSpec], name: str):
     """The trial scheduler `name` (tune.scheduler) over the per-trial epoch budget."""
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, HyperBandForBOHB, HyperBandScheduler
 
-    from deepfake.asha import PromotingASHA
-
     t = cfg.tune
     if name == "asha":
-        return PromotingASHA(
-            time_attr="epoch",
-            metric=t.metric,
-            mode=t.mode,
-            max_t=t.epochs,
-            grace_period=t.grace_period,
-            reduction_factor=t.reduction_factor,
-            num_samples=n_trials(cfg, specs),
-            max_concurrent=t.max_concurrent,
-        )
-    if name == "asha-stop":
         return ASHAScheduler(
             time_attr="epoch", max_t=t.epochs, grace_period=t.grace_period, reduction_factor=t.reduction_factor
         )
@@ -598,7 +567,7 @@ def run_search(
             cfg.tune.samples = len(points)
         name_ = scheduler or t.scheduler
         sched = make_scheduler(cfg, specs, name_)
-        searcher = make_searcher(cfg, specs, getattr(sched, "paused", None), points, scheduler=name_)
+        searcher = make_searcher(cfg, specs, points, scheduler=name_)
         tuner = tune.Tuner(
             trainable,
             param_space=space,

@@ -80,24 +80,24 @@ def test_validate_checks_the_scheduler_settings():
         tm.validate(cfg)
 
 
-def test_every_scheduler_name_builds_rays_or_ours():
+def test_every_scheduler_name_builds_rays():
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, HyperBandForBOHB, HyperBandScheduler
-
-    from deepfake.asha import PromotingASHA
 
     cfg = Config()
     specs = tm.parse_space(cfg.tune.space)
     kinds = {name: type(tm.make_scheduler(cfg, specs, name)) for name in tm.SCHEDULERS}
     assert kinds == {
-        "asha": PromotingASHA,
-        "asha-stop": ASHAScheduler,
+        "asha": ASHAScheduler,
         "hyperband": HyperBandScheduler,
         "bohb": HyperBandForBOHB,
         "fifo": FIFOScheduler,
     }
     # Ray's pausing schedulers get no searcher-side limit (a paused trial would hold its slot for ever)
     assert tm.make_searcher(cfg, specs, scheduler="hyperband").__class__.__name__ == "OptunaSearch"
-    assert tm.make_searcher(cfg, specs, scheduler="asha-stop").__class__.__name__ == "ConcurrencyLimiter"
+    assert tm.make_searcher(cfg, specs, scheduler="asha").__class__.__name__ == "ConcurrencyLimiter"
+    cfg.tune.scheduler = "asha-stop"  # the name a saved config may still carry
+    tm.validate(cfg)
+    assert cfg.tune.scheduler == "asha"
 
 
 def test_trial_and_best_configs():
@@ -160,13 +160,13 @@ def _base(data: Path, tmp_path: Path, **tune) -> Config:
 
 @pytest.mark.slow
 def test_asha_stops_a_hopeless_trial_and_best_config_trains_unchanged(ray_local, small_sample, tmp_path):
-    # lr=5 makes the first epoch's training loss explode (thousands vs about 1), so ASHA (reduction factor 2,
-    # one rung at epoch 1) never promotes it: it pauses there and is stopped when the search ends. Only the
-    # better of the two sane trials goes on to epoch 2, from its epoch-1 checkpoint if it was paused.
+    # lr=5 makes the first epoch's training loss explode (thousands vs about 1), so Ray's ASHA (reduction
+    # factor 2, one rung at epoch 1) stops it there: the grid's third trial reaches the rung after both sane
+    # ones, below their median. The first sane trial at the rung always goes on (nothing to compare yet).
     # (Training loss, not validation accuracy: after one epoch from scratch the latter is a coin flip.)
     cfg = _base(small_sample, tmp_path, searcher="random", space={"lr": {"grid": [1e-3, 2e-3, 5.0]}})
     cfg.tune.metric, cfg.tune.mode = "train_loss", "min"
-    cfg.tune.scheduler = "asha"  # the promoting variant (deepfake.asha): pauses at the rung
+    cfg.tune.scheduler = "asha"
     cfg.model.stem_stride = 2
     cfg.train.optimizer = "adam"
     out = tmp_path / "search"
@@ -178,12 +178,9 @@ def test_asha_stops_a_hopeless_trial_and_best_config_trains_unchanged(ray_local,
     wrecked = df[df["config/train.lr"] == 5.0].iloc[0]
     assert wrecked["stopped_early"] and wrecked["epochs_run"] == 1
     assert summary["stopped_early"] >= 1 and summary["trials"] == 3
-    assert sorted(df[df["config/train.lr"] < 1]["epochs_run"]) == [1, 2]
-    first = {t: _results(out / "ray" / "search", t)[0]["train_loss"] for t in df["trial_id"]}
-    promoted = df[df["epochs_run"] == 2].iloc[0]["trial_id"]
-    assert first[promoted] == min(first.values())  # the best at the rung went on
-    # a paused trial resumes from its checkpoint: each epoch is reported once
-    assert [r["epoch"] for r in _results(out / "ray" / "search", promoted)] == [1, 2]
+    assert 2 in set(df[df["config/train.lr"] < 1]["epochs_run"])
+    for trial_id in df[df["epochs_run"] == 2]["trial_id"]:  # each epoch reported once
+        assert [r["epoch"] for r in _results(out / "ray" / "search", trial_id)] == [1, 2]
     assert (out / "val_acc_per_trial.png").stat().st_size > 1000 and (out / "acc_vs_lr.png").is_file()
     # one-worker trials train in the trial's own process: no Train run of their own, Tune keeps the checkpoints
     for trial_id in df["trial_id"]:
