@@ -82,6 +82,18 @@ def probe(address: str, timeout_s: float = PROBE_TIMEOUT_S) -> None:
         ) from None
 
 
+_DASHBOARD: dict[str, str] = {}  # the dashboard of the cluster connect() joined or started ('' when it has none)
+
+
+def dashboard_url() -> str:
+    """http://HOST:PORT of the connected cluster's dashboard, where Serve's REST API lives (`serve deploy`'s
+    path); a ClusterError when this process did not connect through connect() or the cluster has none."""
+    url = _DASHBOARD.get("url")
+    if not url:
+        raise ClusterError("no Ray dashboard known for this process's cluster (started with --include-dashboard?)")
+    return url if "://" in url else f"http://{url}"
+
+
 def connect(
     address: str | None = None,
     num_cpus: int | None = None,
@@ -116,7 +128,8 @@ def connect(
         kwargs = {"logging_level": logging.WARNING, "log_to_driver": True}
         if target is None:
             kwargs.update({**EMBEDDED_OPTIONS, **(options or {}), "num_cpus": num_cpus})
-        ray.init(address=target or LOCAL, namespace=namespace, **kwargs)
+        context = ray.init(address=target or LOCAL, namespace=namespace, **kwargs)
+        _DASHBOARD["url"] = getattr(context, "dashboard_url", None) or ""
     finally:
         if saved is not None:
             os.environ["RAY_ADDRESS"] = saved

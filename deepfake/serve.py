@@ -160,6 +160,7 @@ def public_meta(value: Any) -> Any:
 # Routes anyone may call when the server requires keys: the health probe of load balancers, and the page,
 # which asks the user for a key.
 OPEN_ROUTES = {("GET", "/healthz"), ("GET", "/"), ("GET", "/index.html")}
+KNOWN_ROUTES = {"/", "/index.html", "/healthz", "/model", "/models", "/stats", "/predict", "/explain"}  # metric labels
 
 
 # ---------------------------------------------------------------------------------------------- pure helpers
@@ -249,6 +250,38 @@ def _dummy_images(size: int, n: int) -> list[Image.Image]:
     return [Image.new("RGB", (size, size), (i * 40 % 256, 128, 200)) for i in range(n)]
 
 
+# ---------------------------------------------------------------------------------------------- metrics
+LATENCY_BUCKETS_MS = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000]
+BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128]
+
+
+class AppMetrics:
+    """The app's Prometheus metrics, through Ray Serve's own metrics API (`ray.serve.metrics`): Ray exports them
+    with its own on every node's metrics port (`ray_` prefixed), tagged with deployment, replica and app."""
+
+    def __init__(self) -> None:
+        from ray.serve import metrics
+
+        self.requests = metrics.Counter(
+            "deepfake_requests", "HTTP requests answered, by route and status", tag_keys=("route", "status")
+        )
+        self.latency = metrics.Histogram(
+            "deepfake_request_latency_ms", "HTTP request latency (ms)", LATENCY_BUCKETS_MS, tag_keys=("route",)
+        )
+        self.verdicts = metrics.Counter(
+            "deepfake_verdicts", "answers given, by verdict and model", tag_keys=("verdict", "model")
+        )
+        self.rejections = metrics.Counter(
+            "deepfake_decode_rejections", "uploads refused before the model, by reason", tag_keys=("reason",)
+        )
+
+
+def batch_size_histogram():
+    from ray.serve import metrics
+
+    return metrics.Histogram("deepfake_batch_size", "images per forward pass", BATCH_BUCKETS)
+
+
 # ---------------------------------------------------------------------------------------------- deployments
 class ForwardMerger:
     """Runs `fn` on lists of items one call at a time, merging everything submitted while a call runs
@@ -259,9 +292,10 @@ class ForwardMerger:
     requests waited ~1 s in formed batches. Merged, each pass gets what arrived during the last one (24-32
     images here), and a lone request still waits only the batch timeout."""
 
-    def __init__(self, fn: Callable[[list], list], max_items: int):
+    def __init__(self, fn: Callable[[list], list], max_items: int, on_pass: Callable[[int], None] | None = None):
         self.fn = fn
         self.max_items = max_items
+        self.on_pass = on_pass  # told each pass's size (the Detector's batch-size histogram)
         self.pending: list[tuple[list, asyncio.Future]] = []
         self.drainer: asyncio.Task | None = None
         self.pass_sizes: Counter[int] = Counter()
@@ -300,6 +334,8 @@ class ForwardMerger:
             return
         self.busy_s += time.perf_counter() - t0
         self.pass_sizes[n] += 1
+        if self.on_pass is not None:
+            self.on_pass(n)
         for items, done in take:
             if not done.done():
                 done.set_result((out[: len(items)], n))
@@ -337,7 +373,8 @@ class Detector:
         self.max_batch_size = max_batch_size
         self.predict.set_max_batch_size(max_batch_size)
         self.predict.set_batch_wait_timeout_s(batch_wait_timeout_s)
-        self.merger = ForwardMerger(self.predictor.predict_images, max_batch_size)
+        self.batch_hist = batch_size_histogram()
+        self.merger = ForwardMerger(self.predictor.predict_images, max_batch_size, self.batch_hist.observe)
         # Serve warns when max_batch_size x max_concurrent_batches exceeds max_ongoing_requests, since the
         # batches would hold the replica; here they only wait in the merger, so the advice does not apply
         log.addFilter(lambda record: "`max_concurrent_batches`" not in record.getMessage())
@@ -356,7 +393,7 @@ class Detector:
         from deepfake.inference import load_scorer
 
         scorer = await asyncio.to_thread(load_scorer, str(self.models_dir / name), **self.load_kw)
-        scorer.merger = ForwardMerger(scorer.predict_images, self.max_batch_size)
+        scorer.merger = ForwardMerger(scorer.predict_images, self.max_batch_size, self.batch_hist.observe)
         log.info("Detector %s loaded model %s: %s", self.replica, name, scorer.version)
         return scorer
 
@@ -505,8 +542,10 @@ class Ingress:
         self.limiter = RateLimiter(rate, settings.get("rate_burst")) if rate else None
         self.statuses: Counter[int] = Counter()
         self.retried = 0
+        self.metrics = AppMetrics()
 
     async def __call__(self, request: Request) -> Response:
+        t0 = time.perf_counter()
         try:
             resp = await self._route(request)
         except HTTPError as e:
@@ -524,6 +563,10 @@ class Ingress:
                 log.exception("request failed")
                 resp = JSONResponse({"error": "internal", "detail": type(e).__name__}, status_code=500)
         self.statuses[resp.status_code] += 1
+        route = route_path(request.scope)
+        route = route if route in KNOWN_ROUTES else "other"  # unknown paths must not grow the label set
+        self.metrics.requests.inc(tags={"route": route, "status": str(resp.status_code)})
+        self.metrics.latency.observe(1000 * (time.perf_counter() - t0), tags={"route": route})
         resp.headers.update(SECURITY_HEADERS)
         return resp
 
@@ -644,6 +687,8 @@ class Ingress:
             }
 
         results = await asyncio.gather(*(one(n, img, prov) for n, img, prov in files))
+        for r in results:
+            self.metrics.verdicts.inc(tags={"verdict": str(r.get("verdict")), "model": str(r.get("model"))})
         return JSONResponse({"results": results})
 
     async def _explain(self, request: Request) -> Response:
@@ -727,6 +772,7 @@ class Ingress:
         def decode_all() -> list[tuple[str, Image.Image, dict[str, Any] | None]]:
             total = sum(pixel_count(data) for _, data in uploads)  # headers only: refused before decoding
             if total > self.max_request_pixels:
+                self.metrics.rejections.inc(tags={"reason": "too_many_pixels"})
                 raise HTTPError(
                     413,
                     "too_many_pixels",
@@ -741,6 +787,8 @@ class Ingress:
                     out.append((name, img, prov))
                 except BadImage as e:
                     bad.append({"filename": name, "reason": e.reason, "detail": e.detail[:200]})
+            for b in bad:
+                self.metrics.rejections.inc(tags={"reason": b["reason"]})
             if bad:
                 first = bad[0]
                 raise HTTPError(
@@ -909,6 +957,53 @@ def find_config(path: str | None) -> Path:
     raise ConfigError(f"serve config not found: {', '.join(map(str, candidates))}")
 
 
+MODEL_ARG_NAMES = ("model", "model_dir", "model_path")  # "model": ServeArgs; others for foreign apps
+INHERITED_ENV_KEYS = ("working_dir", "py_modules", "pip", "uv", "conda", "env_vars")
+
+
+def serve_config_overrides(
+    config: dict[str, Any],
+    model: str | None = None,
+    model_arg: str | None = None,
+    extra_args: dict[str, str] | None = None,
+    http_host: str | None = None,
+    http_port: int | None = None,
+    runtime_env: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A copy of a Serve config with the model path, app arguments and HTTP options set, and the job's own
+    runtime_env (its uploaded working copy) as each app's default, so replicas import the same code."""
+    import copy
+
+    from deepfake.config import ConfigError
+
+    cfg = copy.deepcopy(config)
+    apps = cfg.get("applications") or []
+    if not apps:
+        raise ConfigError("the Serve config has no applications")
+    if http_host is not None or http_port is not None:
+        http = dict(cfg.get("http_options") or {})
+        if http_host is not None:
+            http["host"] = http_host
+        if http_port is not None:
+            http["port"] = int(http_port)
+        cfg["http_options"] = http
+    inherited = {k: v for k, v in (runtime_env or {}).items() if k in INHERITED_ENV_KEYS and v}
+    for app in apps:
+        args = dict(app.get("args") or {})
+        if model is not None:
+            key = model_arg or next((k for k in MODEL_ARG_NAMES if k in args), MODEL_ARG_NAMES[0])
+            args[key] = model
+        args.update(extra_args or {})
+        app["args"] = args
+        if inherited:
+            env = dict(inherited)
+            env.update(app.get("runtime_env") or {})
+            if "env_vars" in inherited and "env_vars" in (app.get("runtime_env") or {}):
+                env["env_vars"] = {**inherited["env_vars"], **app["runtime_env"]["env_vars"]}
+            app["runtime_env"] = env
+    return cfg
+
+
 def load_serve_config(
     path: str | Path,
     model: str | None = None,
@@ -924,15 +1019,17 @@ def load_serve_config(
     from deepfake.config import ConfigError
 
     try:
-        cfg = yaml.safe_load(Path(path).read_text()) or {}
+        cfg = serve_config_overrides(
+            yaml.safe_load(Path(path).read_text()) or {},
+            model=model or None,
+            extra_args={"operating_point": operating_point} if operating_point else None,
+            http_host=host,
+            http_port=port,
+        )
         app = cfg["applications"][0]
-    except (OSError, yaml.YAMLError, KeyError, IndexError, TypeError) as e:
+    except (OSError, yaml.YAMLError, KeyError, IndexError, TypeError, AttributeError, ConfigError) as e:
         raise ConfigError(f"{path}: not a Serve config with an applications list ({e})") from None
     args = dict(app.get("args") or {})
-    if model:
-        args["model"] = model
-    if operating_point:
-        args["operating_point"] = operating_point
     key = {"Detector": "detector_options", "Explainer": "explainer_options", "Ingress": "ingress_options"}
     for dep in app.get("deployments") or []:
         dep = dict(dep)
@@ -941,10 +1038,6 @@ def load_serve_config(
             raise ConfigError(f"{path}: unknown deployment {name!r} (expected one of {list(key)})")
         args[key[name]] = {**args.get(key[name], {}), **dep}
     http = dict(cfg.get("http_options") or {})
-    if port is not None:
-        http["port"] = port
-    if host is not None:
-        http["host"] = host
     try:
         ServeArgs.model_validate(args)
     except Exception as e:  # noqa: BLE001 - pydantic's ValidationError, reported as a config error
@@ -1049,14 +1142,34 @@ def orphaned_haproxies(ports: list[int]) -> list[int]:
     return found
 
 
-def reap_orphaned_haproxies(ports: list[int]) -> list[int]:
+SHUTDOWN_GRACE_S = 10.0  # what Ctrl-C waits for Serve's graceful shutdown before stopping the Ray it started
+
+
+def stop_quickly(ports: list[int]) -> None:
+    """Ctrl-C/SIGTERM of `deepfake serve`: Serve's graceful shutdown for at most SHUTDOWN_GRACE_S (a replica's
+    drain can otherwise hold it for its graceful_shutdown_timeout_s, 60 s for the Ingress), then the embedded
+    Ray stops, and an HAProxy it leaves behind (it runs in a session of its own) is stopped too."""
+    import threading
+
+    import ray
+
+    stopper = threading.Thread(target=serve.shutdown, name="serve-shutdown", daemon=True)
+    stopper.start()
+    stopper.join(SHUTDOWN_GRACE_S)
+    if stopper.is_alive():
+        log.warning("Serve did not shut down within %.0f s; stopping Ray", SHUTDOWN_GRACE_S)
+    ray.shutdown()
+    reap_orphaned_haproxies(ports, why="still on port(s) %s after shutdown")
+
+
+def reap_orphaned_haproxies(ports: list[int], why: str = "left on port(s) %s by a Serve that is gone") -> list[int]:
     """Stop the HAProxy processes a crashed `deepfake serve` left on `ports` (see orphaned_haproxies)."""
     import os
     import signal
 
     pids = orphaned_haproxies(ports)
     for pid in pids:
-        log.warning("stopping HAProxy %d left on port(s) %s by a Serve that is gone", pid, ports)
+        log.warning("stopping HAProxy %d " + why, pid, ports)
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + 5
@@ -1163,9 +1276,15 @@ def run_local(
     try:
         url = start_local(spec, address=address, http_path=http_path)
         logging.getLogger("deepfake").info("serving %s at %s/ (Ctrl-C to stop)", spec["args"].get("model"), url)
+        ports = sorted(
+            {n.get("MetricsExportPort") for n in ray.nodes() if n.get("Alive") and n.get("MetricsExportPort")}
+        )
+        if ports:
+            logging.getLogger("deepfake").info(
+                "Prometheus metrics at %s", ", ".join(f"http://127.0.0.1:{p}/metrics" for p in ports)
+            )
         while True:
             time.sleep(3600)
     finally:
         if ray.is_initialized():
-            serve.shutdown()
-            ray.shutdown()
+            stop_quickly(ports=[int(spec["http_options"].get("port", 8000)), *_haproxy_side_ports()])

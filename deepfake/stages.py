@@ -11,14 +11,10 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 from deepfake.jobs import JOBS, JobsError, parse_env
 
 log = logging.getLogger(__name__)
-
-MODEL_ARG_NAMES = ("model_dir", "model", "model_path")
-INHERITED_ENV_KEYS = ("working_dir", "py_modules", "pip", "uv", "conda", "env_vars")
 
 
 def serve_deploy_parser() -> argparse.ArgumentParser:
@@ -36,50 +32,30 @@ def serve_deploy_parser() -> argparse.ArgumentParser:
     return p
 
 
-def serve_config_overrides(
-    config: dict[str, Any],
-    model: str | None = None,
-    model_arg: str | None = None,
-    extra_args: dict[str, str] | None = None,
-    http_host: str | None = None,
-    http_port: int | None = None,
-    runtime_env: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """A copy of a Serve config with the model path, app arguments and HTTP options set, and the job's own
-    runtime_env (its uploaded working copy) as each app's default, so replicas import the same code."""
-    import copy
+def put_serve_config(dashboard: str, config: dict) -> None:
+    """PUT a Serve config to the dashboard's Serve REST API, as `serve deploy` does: the applications in it
+    are deployed (or updated in place, with rolling replica swaps) and any others are removed."""
+    import json
+    import urllib.error
+    import urllib.request
 
-    cfg = copy.deepcopy(config)
-    apps = cfg.get("applications") or []
-    if not apps:
-        raise JobsError("the Serve config has no applications")
-    if http_host is not None or http_port is not None:
-        http = dict(cfg.get("http_options") or {})
-        if http_host is not None:
-            http["host"] = http_host
-        if http_port is not None:
-            http["port"] = int(http_port)
-        cfg["http_options"] = http
-    inherited = {k: v for k, v in (runtime_env or {}).items() if k in INHERITED_ENV_KEYS and v}
-    for app in apps:
-        args = dict(app.get("args") or {})
-        if model is not None:
-            key = model_arg or next((k for k in MODEL_ARG_NAMES if k in args), MODEL_ARG_NAMES[0])
-            args[key] = model
-        args.update(extra_args or {})
-        app["args"] = args
-        if inherited:
-            env = dict(inherited)
-            env.update(app.get("runtime_env") or {})
-            if "env_vars" in inherited and "env_vars" in (app.get("runtime_env") or {}):
-                env["env_vars"] = {**inherited["env_vars"], **app["runtime_env"]["env_vars"]}
-            app["runtime_env"] = env
-    return cfg
+    req = urllib.request.Request(
+        f"{dashboard.rstrip('/')}/api/serve/applications/",
+        data=json.dumps(config).encode(),
+        method="PUT",
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            resp.read()
+    except urllib.error.HTTPError as e:
+        raise OSError(f"{e.code} {e.reason}: {e.read().decode(errors='replace')[:2000]}") from None
 
 
 def deploy_serve(argv: list[str]) -> int:
-    """`serve run CONFIG --non-blocking` from inside a job: start Serve with the file's HTTP options, deploy the
-    applications declaratively (their deployment settings apply), wait until they are RUNNING."""
+    """`serve deploy CONFIG` from inside a job: the file (with the job's runtime env, so the cluster imports
+    this checkout) goes to the dashboard's Serve REST API, which starts Serve with its HTTP options and deploys
+    the applications declaratively; then wait until they are RUNNING. Public interfaces only."""
     import yaml
 
     ns = serve_deploy_parser().parse_args(argv)
@@ -95,38 +71,44 @@ def deploy_serve(argv: list[str]) -> int:
         return 2
     import ray
     from ray import serve
-    from ray.serve._private import api as serve_api
-    from ray.serve.config import gRPCOptions
     from ray.serve.schema import ServeDeploySchema
 
-    from deepfake.cluster import connect
+    from deepfake.cluster import ClusterError, connect, dashboard_url
+    from deepfake.config import ConfigError
+    from deepfake.serve import serve_config_overrides
 
     connect(namespace="serve")  # a job's driver: joins the cluster in RAY_ADDRESS
     job_env = dict(ray.get_runtime_context().runtime_env or {})
-    raw = serve_config_overrides(
-        yaml.safe_load(path.read_text()) or {},
-        model=ns.model,
-        model_arg=ns.model_arg,
-        extra_args=extra_args,
-        http_host=ns.http_host,
-        http_port=ns.http_port,
-        runtime_env=job_env,
-    )
-    config = ServeDeploySchema.model_validate(raw)
-    client = serve_api.serve_start(
-        http_options=config.http_options.model_dump(),
-        proxy_location=config.proxy_location,
-        grpc_options=gRPCOptions(**config.grpc_options.model_dump()),
-        controller_options=config.controller_options,
-    )
-    client.deploy_apps(config, _blocking=False)
+    try:
+        raw = serve_config_overrides(
+            yaml.safe_load(path.read_text()) or {},
+            model=ns.model,
+            model_arg=ns.model_arg,
+            extra_args=extra_args,
+            http_host=ns.http_host,
+            http_port=ns.http_port,
+            runtime_env=job_env,
+        )
+    except ConfigError as e:
+        log.error("%s: %s", path, e)
+        return 2
+    config = ServeDeploySchema.model_validate(raw)  # a bad file fails here, with pydantic's reason
+    try:
+        put_serve_config(dashboard_url(), config.model_dump(mode="json", exclude_unset=True))
+    except (ClusterError, OSError) as e:
+        log.error("could not deploy through the dashboard's Serve REST API: %s", e)
+        return 1
     names = [app.name for app in config.applications]
     log.info("submitted Serve applications %s (http %s:%s)", names, config.http_options.host, config.http_options.port)
     if ns.no_wait:
         return 0
     deadline = time.monotonic() + ns.timeout
     while True:
-        apps = serve.status().applications
+        try:
+            apps = serve.status().applications
+        except Exception as e:  # noqa: BLE001 - the controller the REST call starts may not answer yet
+            log.debug("Serve status not available yet: %s", e)
+            apps = {}
         states = {n: apps[n].status if n in apps else "NOT_STARTED" for n in names}
         failed = {n: apps[n].message for n, s in states.items() if s in ("DEPLOY_FAILED", "UNHEALTHY")}
         if failed:

@@ -587,8 +587,11 @@ def run_search(
                 name=name,
                 storage_path=str(storage),
                 verbose=1,
-                # in-process trials: Tune keeps their epoch checkpoints and restarts a crashed one from the last
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                # in-process trials: Tune keeps their epoch checkpoints and restarts a crashed one from the last.
+                # Two, not one: the experiment state a killed search resumes from can be a save behind, and name
+                # the checkpoint before the newest; with one kept, that one was deleted (seen: "Could not recover
+                # from checkpoint as it does not exist on storage anymore").
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                 # (a TorchTrainer trial retries its own workers instead)
                 failure_config=tune.FailureConfig(max_failures=cfg.train.max_failures if in_process(t) else 0),
             ),

@@ -23,6 +23,7 @@ import yaml
 from deepfake import checkpoint as ck
 from deepfake import jobs, stages
 from deepfake.cli import main
+from tests.test_serve import _kill_stale_haproxy
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -71,6 +72,9 @@ def test_exit_codes_and_log_tail():
 
 
 def test_serve_config_overrides():
+    from deepfake.config import ConfigError
+    from deepfake.serve import serve_config_overrides
+
     cfg = {
         "http_options": {"host": "127.0.0.1", "port": 8000},
         "applications": [
@@ -79,18 +83,18 @@ def test_serve_config_overrides():
         ],
     }
     job_env = {"working_dir": "gcs://_ray_pkg_1.zip", "env_vars": {"A": "1"}, "excludes": [".venv"]}
-    out = stages.serve_config_overrides(
+    out = serve_config_overrides(
         cfg, model="/m", extra_args={"k": "v"}, http_host="0.0.0.0", http_port=18000, runtime_env=job_env
     )
     assert out["http_options"] == {"host": "0.0.0.0", "port": 18000}
     assert out["applications"][0]["args"] == {"model_dir": "/m", "k": "v"}
-    assert out["applications"][1]["args"]["model_dir"] == "/m"
+    assert out["applications"][1]["args"]["model"] == "/m"  # ServeArgs' name when the file names none
     assert out["applications"][0]["runtime_env"] == {"working_dir": "gcs://_ray_pkg_1.zip", "env_vars": {"A": "1"}}
     assert out["applications"][1]["runtime_env"]["env_vars"] == {"A": "1", "B": "2"}
     assert cfg["applications"][0]["args"] == {"model_dir": "models/x"}  # the input is not modified
-    assert stages.serve_config_overrides(cfg, model="/m", model_arg="path")["applications"][0]["args"]["path"] == "/m"
-    with pytest.raises(jobs.JobsError):
-        stages.serve_config_overrides({"applications": []})
+    assert serve_config_overrides(cfg, model="/m", model_arg="path")["applications"][0]["args"]["path"] == "/m"
+    with pytest.raises(ConfigError):
+        serve_config_overrides({"applications": []})
 
 
 # ---------------------------------------------------------------------------------------------- a real head
@@ -118,15 +122,25 @@ def _pids_using(marker: str) -> list[int]:
     return out
 
 
+HEAD: dict[str, str] = {}
+
+
 @pytest.fixture(scope="module")
 def ray_head():
-    """`ray start --head --block` in its own process group, on free ports and a private temp dir."""
+    """`ray start --head --block` in its own process group, on free ports and a private temp dir, started the
+    way cluster.yaml starts one: with Serve's fast HTTP path (HAProxy), on side ports of its own."""
     from ray.job_submission import JobSubmissionClient
 
-    gcs, dash, client_port, nm, om, agent, agent_grpc, renv, metrics = _free_ports(9)
+    from deepfake.serve import FAST_HTTP_ENV
+
+    gcs, dash, client_port, nm, om, agent, agent_grpc, renv, metrics, stats, hmetrics = _free_ports(11)
     temp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's unix socket paths have a length limit
+    HEAD["metrics"] = f"http://127.0.0.1:{metrics}/metrics"  # Ray's Prometheus endpoint on this head
     env = {
         **os.environ,
+        **FAST_HTTP_ENV,
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(stats),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(hmetrics),
         "RAY_AUTH_MODE": "disabled",
         "RAY_USAGE_STATS_ENABLED": "0",
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # the job's `python` is this venv's
@@ -176,6 +190,7 @@ def ray_head():
         for pid in [proc.pid, *_pids_using(temp)]:  # anything of this session left outside the group
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
+        _kill_stale_haproxy(str(stats))  # Ray 2.60 leaves its HAProxy running after a SIGTERM
         shutil.rmtree(temp, ignore_errors=True)
 
 
@@ -287,27 +302,37 @@ def test_stop_a_running_job(ray_head, capsys):
 
 
 @pytest.mark.slow
-def test_serve_deploy_job_then_predict_over_http(ray_head, trained_model_dir, sample_dir, capsys):
-    """serve_config.yaml deployed by a job; the app outlives the job and answers on a free port."""
+def test_serve_deploy_jobs_then_a_rolling_model_swap_over_http(
+    ray_head, trained_model_dir, sample_dir, tmp_path, capsys
+):
+    """serve_config.yaml deployed by a job through the dashboard's Serve REST API (`serve deploy`'s path); the
+    app outlives the job and answers through HAProxy on a free port. A second job with another model swaps it
+    while a client keeps sending requests: none may fail."""
+    import threading
+
     import httpx
 
     from deepfake.images import decode_image
     from deepfake.inference import Predictor
+    from tests.test_serve import _model_copy
 
-    if not (REPO / "serve_config.yaml").is_file() or not (REPO / "deepfake" / "serve.py").is_file():
-        pytest.skip("serve_config.yaml / deepfake/serve.py not present")
     port = _free_ports(1)[0]
-    small = ["device=cpu", "detector_num_cpus=0.5", "explainer_num_cpus=0.25", "ingress_num_cpus=0.1"]
-    rc = main(
-        ["jobs", "submit", "serve", "--address", ray_head, "--", "--config", "serve_config.yaml"]
-        + ["--model", str(trained_model_dir), "--http-port", str(port), "--timeout", "240"]
-        + [x for a in small for x in ("--arg", a)]
-    )
-    out = capsys.readouterr()
-    assert rc == 0, out.out[-4000:] + out.err[-4000:]
-    assert json.loads(out.out.strip().splitlines()[-1])["status"] == "SUCCEEDED"
-
     url = f"http://127.0.0.1:{port}"
+    small = ["device=cpu", "detector_num_cpus=0.5", "explainer_num_cpus=0.25", "ingress_num_cpus=0.1"]
+    model_a = _model_copy(trained_model_dir, tmp_path / "model_a", "2024-01-01T00:00:00+00:00")
+    model_b = _model_copy(trained_model_dir, tmp_path / "model_b", "2025-02-02T00:00:00+00:00")
+
+    def deploy(model: Path, *flags: str) -> None:
+        rc = main(
+            ["jobs", "submit", "serve", "--address", ray_head, "--", "--config", "serve_config.yaml"]
+            + ["--model", str(model), "--http-port", str(port), "--timeout", "240", *flags]
+            + [x for a in small for x in ("--arg", a)]
+        )
+        out = capsys.readouterr()
+        assert rc == 0, out.out[-4000:] + out.err[-4000:]
+        assert json.loads(out.out.strip().splitlines()[-1])["status"] == "SUCCEEDED"
+
+    deploy(model_a)
     deadline = time.monotonic() + 60
     while httpx.get(f"{url}/healthz", timeout=10).status_code != 200:  # the proxy may 404 for a moment
         assert time.monotonic() < deadline, "the deployed app never became healthy"
@@ -316,9 +341,49 @@ def test_serve_deploy_job_then_predict_over_http(ray_head, trained_model_dir, sa
     r = httpx.post(f"{url}/predict?filename={image.name}", content=image.read_bytes(), timeout=60)
     assert r.status_code == 200, r.text
     (res,) = r.json()["results"]
-    local = Predictor.from_dir(trained_model_dir, device="cpu").predict_images([decode_image(image.read_bytes())])[0]
-    assert res["label"] == local["label"] and res["model"] == local["model"]
+    local = Predictor.from_dir(model_a, device="cpu").predict_images([decode_image(image.read_bytes())])[0]
+    assert res["label"] == local["label"] and res["model"] == local["model"] and "20240101" in res["model"]
     assert res["prob_ai"] == pytest.approx(local["prob_ai"], abs=1e-4)
+
+    codes, models, failures, stop = [], set(), [], threading.Event()
+
+    def client() -> None:
+        with httpx.Client(timeout=60) as c:
+            while not stop.is_set():
+                r = c.post(f"{url}/predict", content=image.read_bytes())
+                codes.append(r.status_code)
+                if r.status_code == 200:
+                    models.add(r.json()["results"][0]["model"])
+                else:
+                    failures.append((r.status_code, r.text[:300]))
+                time.sleep(0.1)
+
+    t = threading.Thread(target=client)
+    t.start()
+    try:
+        deploy(model_b, "--no-wait")  # the old replicas drain for up to a minute; the swap is what counts
+        deadline = time.monotonic() + 150
+        while not any("20250202" in m for m in models) and time.monotonic() < deadline:
+            time.sleep(0.5)
+    finally:
+        stop.set()
+        t.join(timeout=90)
+    assert any("20250202" in m for m in models), models
+    assert codes and set(codes) == {200}, ({c: codes.count(c) for c in set(codes)}, failures)
+
+    # the app's own Prometheus metrics (ray.serve.metrics), exported by Ray on the node's metrics port
+    assert httpx.post(f"{url}/predict", content=b"not an image", timeout=30).status_code == 415
+    wanted = ('route="/predict"', 'status="200"', "deepfake_verdicts", "deepfake_decode_rejections")
+    deadline, text = time.monotonic() + 60, ""
+    while time.monotonic() < deadline:
+        text = httpx.get(HEAD["metrics"], timeout=10).text
+        if all(w in text for w in wanted) and 'reason="not_an_image"' in text:
+            break
+        time.sleep(2)
+    lines = [x for x in text.splitlines() if x.startswith("ray_deepfake_requests") and 'route="/predict"' in x]
+    assert any('status="200"' in x and float(x.rsplit(" ", 1)[1]) >= 10 for x in lines), lines or text[-2000:]
+    assert 'reason="not_an_image"' in text and "ray_deepfake_batch_size_bucket" in text
+    assert "ray_deepfake_request_latency_ms_bucket" in text
 
 
 @pytest.mark.slow
@@ -326,6 +391,7 @@ def test_reproduce_runs_every_stage_of_a_recipe(ray_local, small_sample, tmp_pat
     out = tmp_path / "m"
     args = ["--data", str(small_sample), "--out", str(out), "--recipe", "cpu", "--epochs", "1", "--batch-size", "16"]
     args += ["--storage-path", str(tmp_path / "runs"), "--set", "train.log_every=0"]
+    args += ["--backend", "torch"]  # the stages' chaining is under test here; Ray Train has tests of its own
     assert stages.run_job("reproduce", args) == 0
     stage1, final = ck.read_metadata(tmp_path / "m-stage1"), ck.read_metadata(out)
     # each stage with its own recorded config; the second from the first's weights

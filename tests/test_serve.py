@@ -414,49 +414,6 @@ def test_overload_gives_503_json_and_server_survives(app_url):
 
 
 # ---------------------------------------------------------------------------------------------- serve deploy
-@pytest.fixture()
-def ray_head(tmp_path, request):
-    """A separate `ray start --head --block` cluster; stopped by signalling only the processes it started.
-    Parametrized with "haproxy", it is started the way cluster.yaml starts one: with Serve's fast HTTP path."""
-    from deepfake.serve import FAST_HTTP_ENV
-
-    gcs, dash = free_port(), free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)}
-    env.pop("RAY_ADDRESS", None)
-    haproxy = getattr(request, "param", "proxy") == "haproxy"
-    if haproxy:
-        env.update(FAST_HTTP_ENV, **_haproxy_side_port_env())
-    ray_bin = str(Path(sys.executable).parent / "ray")
-    temp = Path("/tmp") / f"rayt{os.getpid()}_{gcs}"  # short: Ray's socket paths must stay < 108 chars
-    cmd = [ray_bin, "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}", "--num-cpus=4"]
-    cmd += ["--disable-usage-stats", "--include-dashboard=true", f"--temp-dir={temp}", "--dashboard-host=127.0.0.1"]
-    log = open(tmp_path / "ray_head.log", "w")
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    dash_url = f"http://127.0.0.1:{dash}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{dash_url}/api/version", timeout=5).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert proc.poll() is None, (tmp_path / "ray_head.log").read_text()[-3000:]
-        time.sleep(1)
-    yield {"dashboard": dash_url, "env": env}
-    os.killpg(proc.pid, signal.SIGTERM)  # --block tears down the processes it started
-    try:
-        # not longer: Serve replicas it signals wait out their graceful shutdown (60 s for the Ingress)
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-    log.close()
-    if haproxy:
-        _kill_stale_haproxy(env["RAY_SERVE_HAPROXY_STATS_PORT"])  # Ray 2.60 leaves it running after a SIGTERM
-    for serve_logs in temp.glob("session_*/logs/serve"):  # kept with the test's files, for a failure's cause
-        shutil.copytree(serve_logs, tmp_path / "serve_logs", dirs_exist_ok=True)
-    shutil.rmtree(temp, ignore_errors=True)
-
-
 def _config_copy(dest: Path, model_dir: Path, port: int) -> Path:
     cfg = yaml.safe_load((REPO / "serve_config.yaml").read_text())
     cfg["http_options"]["port"] = port
@@ -475,58 +432,48 @@ def _model_copy(src: Path, dest: Path, created: str) -> Path:
     return dest
 
 
-@pytest.mark.slow
-# Behind HAProxy, the path cluster.yaml starts; Serve's Python proxy serves every app_url test (the swap itself
-# does not depend on the path, and a second cluster for it cost 95 s of the suite's 12 minutes).
-@pytest.mark.parametrize("ray_head", ["haproxy"], indirect=True)
-def test_serve_deploy_config_and_rolling_model_swap(ray_head, trained_model_dir, sample_dir, tmp_path):
-    """serve_config.yaml as shipped (paths/port changed) deploys with the CLI; changing args.model and
-    redeploying swaps the model while traffic keeps flowing: behind Serve's Python proxy and behind HAProxy
-    with direct ingress."""
-    serve_bin = str(Path(sys.executable).parent / "serve")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
+def test_rolling_model_swap_behind_serves_proxy(app_url, trained_model_dir, sample_dir, tmp_path):
+    """Redeploying an app with another model while a client keeps sending requests: none may fail (Serve's
+    Python proxy; the HAProxy path is swapped by tests/test_jobs.py, through the Serve REST API)."""
+    import threading
+
+    from ray import serve
+
+    from deepfake.serve import build_app
+
     model_a = _model_copy(trained_model_dir, tmp_path / "model_a", "2024-01-01T00:00:00+00:00")
     model_b = _model_copy(trained_model_dir, tmp_path / "model_b", "2025-02-02T00:00:00+00:00")
-
-    def deploy(model: Path) -> None:
-        cfg = _config_copy(tmp_path / "serve.yaml", model, port)
-        out = subprocess.run(
-            [serve_bin, "deploy", str(cfg), "-a", ray_head["dashboard"]],
-            env=ray_head["env"],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert out.returncode == 0, out.stdout + out.stderr
-
-    deploy(model_a)
-    version_a = wait_healthy(url)["model"]
-    assert "20240101" in version_a
+    lean = {"warmup": False, "explain": False, "detector_num_cpus": 0.1}
+    url = f"{app_url}/swap"
+    serve.run(build_app(serve_args(model_a, **lean)), name="swap", route_prefix="/swap", blocking=False)
+    assert "20240101" in wait_healthy(url)["model"]
     img = sample_image(sample_dir).read_bytes()
-    assert httpx.post(f"{url}/predict", content=img, timeout=60).json()["results"][0]["model"] == version_a
+    codes, models, failures, stop = [], set(), [], threading.Event()
 
-    # Redeploy with another model while a client keeps sending requests: none may fail.
-    deploy(model_b)
-    codes, models, failures = [], set(), []
-    deadline = time.monotonic() + 150
-    with httpx.Client(timeout=60) as client:
-        while time.monotonic() < deadline:
-            r = client.post(f"{url}/predict", content=img)
-            codes.append(r.status_code)
-            if r.status_code != 200:
-                failures.append((r.status_code, r.text[:500]))
-            if r.status_code == 200:
-                models.add(r.json()["results"][0]["model"])
-                if "20250202" in r.json()["results"][0]["model"]:
-                    break
-            time.sleep(0.1)
+    def client() -> None:
+        with httpx.Client(timeout=60) as c:
+            while not stop.is_set():
+                r = c.post(f"{url}/predict", content=img)
+                codes.append(r.status_code)
+                if r.status_code == 200:
+                    models.add(r.json()["results"][0]["model"])
+                else:
+                    failures.append((r.status_code, r.text[:300]))
+                time.sleep(0.1)
+
+    t = threading.Thread(target=client)
+    t.start()
+    try:
+        serve.run(build_app(serve_args(model_b, **lean)), name="swap", route_prefix="/swap", blocking=False)
+        deadline = time.monotonic() + 150
+        while not any("20250202" in m for m in models) and time.monotonic() < deadline:
+            time.sleep(0.5)
+    finally:
+        stop.set()
+        t.join(timeout=90)
+        serve.delete("swap")
     assert any("20250202" in m for m in models), models
-    assert set(codes) == {200}, ({c: codes.count(c) for c in set(codes)}, failures)
-    status = subprocess.run(
-        [serve_bin, "status", "-a", ray_head["dashboard"]], env=ray_head["env"], capture_output=True, text=True
-    )
-    assert "RUNNING" in status.stdout, status.stdout + status.stderr
+    assert codes and set(codes) == {200}, ({c: codes.count(c) for c in set(codes)}, failures)
 
 
 @pytest.mark.slow
