@@ -23,7 +23,7 @@ import yaml
 from deepfake import checkpoint as ck
 from deepfake import jobs, stages
 from deepfake.cli import main
-from tests.test_serve import _kill_stale_haproxy
+from tests.test_serve_process import _kill_stale_haproxy
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

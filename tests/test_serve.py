@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import io
 import json
 import os
 import shutil
-import signal
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,6 +19,16 @@ import yaml
 from PIL import Image
 
 from tests.conftest import jpeg_bytes
+from tests.web_page import (  # noqa: F401 - the web page's tests run here, on this module's Serve
+    WEB_KEY,
+    browser,
+    test_bad_file_shows_error,
+    test_http_api_reports_each_files_provenance_exactly,
+    test_page_asks_for_the_api_key_when_the_server_needs_one,
+    test_signed_image_shows_provenance_beside_the_verdict,
+    test_unfamiliar_photo_shows_no_verdict_and_why,
+    test_upload_shows_verdict_and_heatmap,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 MAX_BODY = 256 * 1024
@@ -71,13 +77,13 @@ API_KEY = "test-key-0123456789abcdef"
 
 
 @pytest.fixture(scope="module")
-def app_url(ray_local, trained_model_dir, model_zoo, tmp_path_factory):
+def app_url(ray_local, trained_model_dir, calibrated_model_dir, model_zoo, tmp_path_factory):
     from ray import serve
 
     from deepfake.serve import build_app
 
     keys = tmp_path_factory.mktemp("keys") / "keys.txt"
-    keys.write_text(f"tester:{API_KEY}\n")
+    keys.write_text(f"tester:{API_KEY}\nweb:{WEB_KEY}\n")
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(
@@ -123,12 +129,28 @@ def app_url(ray_local, trained_model_dir, model_zoo, tmp_path_factory):
         route_prefix="/locked",
         blocking=False,
     )
+    # The web page's app (tests/web_page.py): the calibrated model, so the page shows the guard's answers.
+    serve.run(
+        build_app(serve_args(calibrated_model_dir, detector_num_cpus=0.2, explainer_num_cpus=0.1)),
+        name="web",
+        route_prefix="/web",
+        blocking=False,
+    )
     url = f"http://127.0.0.1:{port}"
-    wait_healthy(url)
-    wait_healthy(url + "/tiny")
-    wait_healthy(url + "/locked")
+    for prefix in ("", "/tiny", "/locked", "/web"):
+        wait_healthy(url + prefix)
     yield url
     serve.shutdown()
+
+
+@pytest.fixture()
+def web_url(app_url):
+    return app_url + "/web"
+
+
+@pytest.fixture()
+def locked_url(app_url):
+    return app_url + "/locked"
 
 
 # ---------------------------------------------------------------------------------------------- pure parts
@@ -474,102 +496,6 @@ def test_rolling_model_swap_behind_serves_proxy(app_url, trained_model_dir, samp
         serve.delete("swap")
     assert any("20250202" in m for m in models), models
     assert codes and set(codes) == {200}, ({c: codes.count(c) for c in set(codes)}, failures)
-
-
-@pytest.mark.slow
-def test_deepfake_serve_takes_the_fast_http_path(trained_model_dir, sample_dir, tmp_path):
-    """`deepfake serve` on its embedded Ray: HAProxy answers on the configured port and forwards to the
-    Ingress replica's own HTTP server; predict and the web page work through it. Killed with SIGKILL, it
-    restarts on the same port (the HAProxy it left is stopped); Ctrl-C leaves nothing behind."""
-    from deepfake.serve import orphaned_haproxies
-
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", **_haproxy_side_port_env()}
-    env.pop("RAY_ADDRESS", None)
-    cfg = _config_copy(tmp_path / "serve.yaml", trained_model_dir, port)
-    cmd = [sys.executable, "-m", "deepfake.cli", "serve", "--config", str(cfg), "--http-path", "haproxy"]
-    log = open(tmp_path / "serve.log", "w")
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        wait_healthy(url, timeout=240)
-        img = sample_image(sample_dir).read_bytes()
-        r = httpx.post(f"{url}/predict", content=img, timeout=60)
-        assert r.status_code == 200 and r.json()["results"][0]["label"] in ("ai", "real")
-        assert "<html" in httpx.get(f"{url}/", timeout=30).text.lower()
-        bad = httpx.post(f"{url}/predict", content=b"not an image", timeout=30)
-        assert bad.status_code == 415 and "error" in bad.json()
-        # an HAProxy of this run forwards the traffic (the proxy path would have none)
-        ours = [text for _, text in _haproxy_configs() if f":{port}" in text]
-        assert ours, _haproxy_configs()
-        assert "timeout client 30s" in ours[0] and "timeout server 300s" in ours[0]  # not Ray's 1-hour default
-        # killed as the OOM killer would: Ray's HAProxy, in a session of its own, outlives it and keeps the port
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=60)
-        # Ray's own processes notice the dead driver within seconds; an HAProxy left holding the port (seen on
-        # some machines: it runs in a session of its own) answers 500 to everything until it is stopped
-        time.sleep(5)
-        left_behind = orphaned_haproxies([port])
-        # started again on the same port: it stops that HAProxy and becomes healthy
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        wait_healthy(url, timeout=240)
-        assert httpx.post(f"{url}/predict", content=img, timeout=60).status_code == 200
-        proc.send_signal(signal.SIGINT)  # Ctrl-C: deepfake serve shuts Serve down, HAProxy included
-        assert proc.wait(timeout=120) in (0, 130)
-        assert not any(f":{port}" in text for _, text in _haproxy_configs())
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        _kill_stale_haproxy(env["RAY_SERVE_HAPROXY_STATS_PORT"])
-        log.close()
-    text = (tmp_path / "serve.log").read_text()
-    assert "HTTP path: HAProxy + direct ingress" in text
-    assert ("stopping HAProxy" in text) == bool(left_behind)  # what the restart found, it stopped
-
-
-def _haproxy_configs() -> list[tuple[int, str]]:
-    """(pid, config text) of every running haproxy process (its -f file), to see which ports they bind."""
-    out = []
-    for comm in Path("/proc").glob("[0-9]*/comm"):
-        try:
-            if comm.read_text().strip() != "haproxy":
-                continue
-            args = (comm.parent / "cmdline").read_bytes().split(b"\0")
-            texts = [Path(args[i + 1].decode()).read_text() for i, a in enumerate(args[:-1]) if a == b"-f"]
-            out += [(int(comm.parent.name), t) for t in texts]
-        except (OSError, ValueError):
-            continue
-    return out
-
-
-def _haproxy_side_port_env() -> dict[str, str]:
-    """Fresh stats/metrics ports for one test's HAProxy (Ray's defaults are fixed: 8404, 9101)."""
-    return {"RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()), "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port())}
-
-
-def _kill_stale_haproxy(stats_port: str) -> None:
-    for pid, text in _haproxy_configs():
-        if f":{stats_port}" in text:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-
-
-def test_http_path_falls_back_to_the_proxy_when_haproxys_ports_are_taken(monkeypatch):
-    from deepfake.config import ConfigError
-    from deepfake.serve import FAST_HTTP_ENV, http_path_env
-
-    monkeypatch.setenv("RAY_SERVE_HAPROXY_METRICS_PORT", str(free_port()))
-    with socket.socket() as taken:
-        taken.bind(("0.0.0.0", 0))
-        taken.listen()
-        monkeypatch.setenv("RAY_SERVE_HAPROXY_STATS_PORT", str(taken.getsockname()[1]))
-        assert http_path_env("auto") == {}  # HAProxy could not start: the proxy actor serves instead
-        with pytest.raises(ConfigError, match="in use"):
-            http_path_env("haproxy")
-    assert http_path_env("auto") == FAST_HTTP_ENV and http_path_env("proxy") == {}
-    with pytest.raises(ConfigError, match="expected one of"):
-        http_path_env("nginx")
 
 
 def test_api_keys_and_rate_limits(app_url, sample_dir):

@@ -1,5 +1,8 @@
 """The web page in a real headless Chromium, driven over the Chrome DevTools protocol (no chromedriver):
-choose a file, wait for the verdict and the Grad-CAM heatmap, check the DOM, keep a screenshot."""
+choose a file, wait for the verdict and the Grad-CAM heatmap, check the DOM, keep a screenshot.
+
+These tests run inside tests/test_serve.py (it imports them), against the "web" and "locked" apps of its
+one Serve instance: a Serve of their own cost 40 s of the suite."""
 
 from __future__ import annotations
 
@@ -14,10 +17,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
-from tests.test_serve import free_port, serve_args, wait_healthy
-
-pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / "test-artifacts"
@@ -106,26 +105,6 @@ def browser(tmp_path):
 
 
 WEB_KEY = "web-key-0123456789abcdef"
-
-
-@pytest.fixture(scope="module")
-def web_url(ray_local, calibrated_model_dir, tmp_path_factory):
-    from ray import serve
-
-    from deepfake.serve import build_app
-
-    keys = tmp_path_factory.mktemp("webkeys") / "keys.txt"
-    keys.write_text(WEB_KEY + "\n")
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(serve_args(calibrated_model_dir)), name="web", route_prefix="/", blocking=False)
-    locked = serve_args(calibrated_model_dir, warmup=False, explain=False, detector_num_cpus=0.1)
-    serve.run(build_app({**locked, "api_keys_file": str(keys)}), name="locked", route_prefix="/locked", blocking=False)
-    url = f"http://127.0.0.1:{port}"
-    wait_healthy(url)
-    wait_healthy(url + "/locked")
-    yield url
-    serve.shutdown()
 
 
 def wait_for(cdp: CDP, expr: str, timeout: float = 120):
@@ -278,10 +257,10 @@ def test_bad_file_shows_error(browser, web_url, tmp_path):
     assert browser.eval("getComputedStyle(document.getElementById('result')).display") == "none"
 
 
-def test_page_asks_for_the_api_key_when_the_server_needs_one(browser, web_url, sample_dir):
+def test_page_asks_for_the_api_key_when_the_server_needs_one(browser, locked_url, sample_dir):
     image = sorted((sample_dir / "REAL").iterdir())[0]
     browser("Page.enable")
-    browser("Page.navigate", url=web_url + "/locked/")
+    browser("Page.navigate", url=locked_url + "/")
     wait_for(browser, "document.readyState === 'complete' && !!document.getElementById('file')")
     browser.eval("sessionStorage.clear()")
     assert browser.eval("document.getElementById('keyform').hidden") is True
