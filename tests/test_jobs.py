@@ -308,13 +308,11 @@ def test_serve_deploy_jobs_then_a_rolling_model_swap_over_http(
     """serve_config.yaml deployed by a job through the dashboard's Serve REST API (`serve deploy`'s path); the
     app outlives the job and answers through HAProxy on a free port. A second job with another model swaps it
     while a client keeps sending requests: none may fail."""
-    import threading
-
     import httpx
 
     from deepfake.images import decode_image
     from deepfake.inference import Predictor
-    from tests.test_serve import _model_copy
+    from tests.test_serve import Traffic, _model_copy
 
     port = _free_ports(1)[0]
     url = f"http://127.0.0.1:{port}"
@@ -345,31 +343,10 @@ def test_serve_deploy_jobs_then_a_rolling_model_swap_over_http(
     assert res["label"] == local["label"] and res["model"] == local["model"] and "20240101" in res["model"]
     assert res["prob_ai"] == pytest.approx(local["prob_ai"], abs=1e-4)
 
-    codes, models, failures, stop = [], set(), [], threading.Event()
-
-    def client() -> None:
-        with httpx.Client(timeout=60) as c:
-            while not stop.is_set():
-                r = c.post(f"{url}/predict", content=image.read_bytes())
-                codes.append(r.status_code)
-                if r.status_code == 200:
-                    models.add(r.json()["results"][0]["model"])
-                else:
-                    failures.append((r.status_code, r.text[:300]))
-                time.sleep(0.1)
-
-    t = threading.Thread(target=client)
-    t.start()
-    try:
+    with Traffic(f"{url}/predict", image.read_bytes()) as traffic:
         deploy(model_b, "--no-wait")  # the old replicas drain for up to a minute; the swap is what counts
-        deadline = time.monotonic() + 150
-        while not any("20250202" in m for m in models) and time.monotonic() < deadline:
-            time.sleep(0.5)
-    finally:
-        stop.set()
-        t.join(timeout=90)
-    assert any("20250202" in m for m in models), models
-    assert codes and set(codes) == {200}, ({c: codes.count(c) for c in set(codes)}, failures)
+        traffic.wait_for_model("20250202")
+    traffic.assert_swapped_without_failure("20250202")
 
     # the app's own Prometheus metrics (ray.serve.metrics), exported by Ray on the node's metrics port
     assert httpx.post(f"{url}/predict", content=b"not an image", timeout=30).status_code == 415

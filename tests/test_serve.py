@@ -436,6 +436,50 @@ def test_overload_gives_503_json_and_server_survives(app_url):
 
 
 # ---------------------------------------------------------------------------------------------- serve deploy
+class Traffic:
+    """One client posting the same image in a loop while a model is swapped: every status, and the models
+    that answered (a rolling swap must not fail a single request)."""
+
+    def __init__(self, url: str, body: bytes):
+        import threading
+
+        self.url, self.body = url, body
+        self.codes: list[int] = []
+        self.models: set[str] = set()
+        self.failures: list[tuple[int, str]] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run)
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=60) as c:
+            while not self.stop.is_set():
+                r = c.post(self.url, content=self.body)
+                self.codes.append(r.status_code)
+                if r.status_code == 200:
+                    self.models.add(r.json()["results"][0]["model"])
+                else:
+                    self.failures.append((r.status_code, r.text[:300]))
+                time.sleep(0.1)
+
+    def __enter__(self) -> Traffic:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join(timeout=90)
+
+    def wait_for_model(self, marker: str, timeout: float = 150) -> None:
+        deadline = time.monotonic() + timeout
+        while not any(marker in m for m in self.models) and time.monotonic() < deadline:
+            time.sleep(0.5)
+
+    def assert_swapped_without_failure(self, marker: str) -> None:
+        assert any(marker in m for m in self.models), self.models
+        counts = {c: self.codes.count(c) for c in set(self.codes)}
+        assert self.codes and set(self.codes) == {200}, (counts, self.failures)
+
+
 def _config_copy(dest: Path, model_dir: Path, port: int) -> Path:
     cfg = yaml.safe_load((REPO / "serve_config.yaml").read_text())
     cfg["http_options"]["port"] = port
@@ -457,7 +501,6 @@ def _model_copy(src: Path, dest: Path, created: str) -> Path:
 def test_rolling_model_swap_behind_serves_proxy(app_url, trained_model_dir, sample_dir, tmp_path):
     """Redeploying an app with another model while a client keeps sending requests: none may fail (Serve's
     Python proxy; the HAProxy path is swapped by tests/test_jobs.py, through the Serve REST API)."""
-    import threading
 
     from ray import serve
 
@@ -469,33 +512,13 @@ def test_rolling_model_swap_behind_serves_proxy(app_url, trained_model_dir, samp
     url = f"{app_url}/swap"
     serve.run(build_app(serve_args(model_a, **lean)), name="swap", route_prefix="/swap", blocking=False)
     assert "20240101" in wait_healthy(url)["model"]
-    img = sample_image(sample_dir).read_bytes()
-    codes, models, failures, stop = [], set(), [], threading.Event()
-
-    def client() -> None:
-        with httpx.Client(timeout=60) as c:
-            while not stop.is_set():
-                r = c.post(f"{url}/predict", content=img)
-                codes.append(r.status_code)
-                if r.status_code == 200:
-                    models.add(r.json()["results"][0]["model"])
-                else:
-                    failures.append((r.status_code, r.text[:300]))
-                time.sleep(0.1)
-
-    t = threading.Thread(target=client)
-    t.start()
-    try:
-        serve.run(build_app(serve_args(model_b, **lean)), name="swap", route_prefix="/swap", blocking=False)
-        deadline = time.monotonic() + 150
-        while not any("20250202" in m for m in models) and time.monotonic() < deadline:
-            time.sleep(0.5)
-    finally:
-        stop.set()
-        t.join(timeout=90)
-        serve.delete("swap")
-    assert any("20250202" in m for m in models), models
-    assert codes and set(codes) == {200}, ({c: codes.count(c) for c in set(codes)}, failures)
+    with Traffic(f"{url}/predict", sample_image(sample_dir).read_bytes()) as traffic:
+        try:
+            serve.run(build_app(serve_args(model_b, **lean)), name="swap", route_prefix="/swap", blocking=False)
+            traffic.wait_for_model("20250202")
+        finally:
+            serve.delete("swap")
+    traffic.assert_swapped_without_failure("20250202")
 
 
 def test_api_keys_and_rate_limits(app_url, sample_dir):
