@@ -239,7 +239,12 @@ def test_train_jobs_through_deepfake_and_plain_ray_job_submit(ray_head, small_sa
 
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     # 1. plain `ray job submit` (no wait), the README's equivalent; local storage path
-    plain_args = _train_args(small_sample, str(tmp_path / "runs"), tmp_path / "plain_model", "plain")
+    # (in the job's own process: the other job runs Ray Train; a second Train run would only cost time here)
+    plain_args = [
+        *_train_args(small_sample, str(tmp_path / "runs"), tmp_path / "plain_model", "plain"),
+        "--backend",
+        "torch",
+    ]
     excludes = json.dumps({"excludes": jobs.EXCLUDES})
     r = subprocess.run(
         [str(BIN / "ray"), "job", "submit", "--address", ray_head, "--no-wait", "--working-dir", str(REPO)]
