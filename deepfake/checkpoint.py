@@ -29,7 +29,9 @@ from deepfake.files import staged_folder, write_atomic
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-SHIPPED_MODEL = "models/cifake-b0"  # the default model of predict, explain, evaluate and serve
+# The default model of predict, explain, evaluate, calibrate and serve: the ensemble of cifake-b0 and cifake-lite0,
+# the best on the validation part (models/README.md)
+SHIPPED_MODEL = "models/cifake-ensemble"
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 CARD = "README.md"

@@ -77,7 +77,8 @@ def _allow_outside_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-outside", action="store_true", help=ALLOW_OUTSIDE_HELP)
 
 
-MODEL_HELP = "model folder (repeat: ensemble; default: the shipped models/cifake-b0)"
+SHIPPED_HELP = "default: the shipped models/cifake-ensemble"
+MODEL_HELP = f"model or ensemble folder (repeat: an ad-hoc ensemble; {SHIPPED_HELP})"
 
 
 def _model_dirs(models: list[str] | None) -> list[str]:
@@ -423,17 +424,25 @@ def cmd_provenance(args: argparse.Namespace) -> int:
 
 def cmd_card(args: argparse.Namespace) -> int:
     """Regenerate a model card from its metadata, optionally recording the model's limitations first."""
-    from deepfake.checkpoint import read_metadata, resolve_model_dir, write_metadata
+    from deepfake.checkpoint import (
+        is_ensemble,
+        read_ensemble,
+        read_metadata,
+        resolve_model_dir,
+        write_ensemble,
+        write_metadata,
+    )
 
     d = resolve_model_dir(args.model)
-    meta = read_metadata(d)
+    ensemble = is_ensemble(d)
+    meta = read_ensemble(d) if ensemble else read_metadata(d)
     if args.limitations:
         text = args.limitations
         if text.startswith("@"):
             text = Path(text[1:]).read_text().strip()
         meta["limitations"] = text
         meta.pop("limitations_generated", None)
-    write_metadata(d, meta)
+    write_ensemble(d, meta) if ensemble else write_metadata(d, meta)
     print((d / "README.md").read_text())
     return 0
 
@@ -592,7 +601,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ex = sub.add_parser("explain", help="Grad-CAM heatmaps: overlay PNG + .npy per image, and a contact sheet")
     ex.add_argument("images", nargs="+", metavar="IMAGE")
-    ex.add_argument("--model", metavar="DIR", help="model folder (default: the shipped models/cifake-b0)")
+    ex.add_argument("--model", metavar="DIR", help=f"model folder ({SHIPPED_HELP})")
     ex.add_argument("-o", "--output", required=True, help="output folder")
     ex.add_argument("--target", help="class to explain, e.g. ai or real (default: each image's predicted class)")
     ex.add_argument("--batch-size", type=int, default=16, help="images per Grad-CAM forward/backward")
@@ -605,7 +614,7 @@ def build_parser() -> argparse.ArgumentParser:
         "calibrate", help="fit a model's temperature, operating points and out-of-domain guard on its own data"
     )
     _allow_outside_flag(ca)
-    ca.add_argument("--model", metavar="DIR", help="model folder (default: the shipped models/cifake-b0)")
+    ca.add_argument("--model", metavar="DIR", help=f"model folder ({SHIPPED_HELP})")
     ca.add_argument("--data", help="dataset (default: the data the model was trained on, split as in training)")
     ca.add_argument("--fit-images", type=int, default=10_000, help="training images for the guard's statistics")
     ca.add_argument("--band", default="0.2,0.8", help="LO,HI: calibrated P(ai) in this band is 'uncertain'")
@@ -631,7 +640,7 @@ def build_parser() -> argparse.ArgumentParser:
     pv.set_defaults(func=cmd_provenance)
 
     cd = sub.add_parser("card", help="regenerate a model folder's card (README.md) from its metadata")
-    cd.add_argument("model", nargs="?", metavar="DIR", help="model folder (default: the shipped models/cifake-b0)")
+    cd.add_argument("model", nargs="?", metavar="DIR", help=f"model folder ({SHIPPED_HELP})")
     cd.add_argument("--limitations", help="text (or @FILE) for the card's Limitations section")
     cd.set_defaults(func=cmd_card)
 

@@ -27,7 +27,7 @@ MODULES = {job: f"rayjobs.{'serve_deploy' if job == 'serve' else job}" for job i
 
 # Never upload these with the working copy: the virtualenv, runs, search output, data archives, caches.
 # Ray also honours .gitignore / .rayignore inside the working dir: ours keeps trained models out but lets the
-# shipped one (models/cifake-b0, ~16 MB) travel, so the default model path works on the cluster too.
+# shipped ones (models/cifake-*, ~90 MB) travel, so the default model path works on the cluster too.
 EXCLUDES = [
     ".git",
     ".venv",

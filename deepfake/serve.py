@@ -64,7 +64,7 @@ MODEL_HEADER = "serve_multiplexed_model_id"  # Serve's own header for a multiple
 class ServeArgs(BaseModel):
     """Application arguments (the `args:` block of serve_config.yaml)."""
 
-    model: str | None = Field(None, description="model folder (default: models/cifake-b0)")
+    model: str | None = Field(None, description="model or ensemble folder (default: models/cifake-ensemble)")
     models_dir: str | None = Field(
         None,
         description="folder of model folders a request may name (?model=NAME or the serve_multiplexed_model_id "
