@@ -1142,34 +1142,31 @@ def orphaned_haproxies(ports: list[int]) -> list[int]:
     return found
 
 
-SHUTDOWN_GRACE_S = 10.0  # what Ctrl-C waits for Serve's graceful shutdown before stopping the Ray it started
-
-
-def stop_quickly(ports: list[int]) -> None:
-    """Ctrl-C/SIGTERM of `deepfake serve`: Serve's graceful shutdown for at most SHUTDOWN_GRACE_S (a replica's
-    drain can otherwise hold it for its graceful_shutdown_timeout_s, 60 s for the Ingress), then the embedded
-    Ray stops, and an HAProxy it leaves behind (it runs in a session of its own) is stopped too."""
-    import threading
-
+def stop_local(ports: list[int], embedded: bool) -> None:
+    """Ctrl-C/SIGTERM of `deepfake serve`. On the Ray it started, stopping Ray stops every replica at once
+    (Serve's graceful shutdown waited out each replica's drain, up to 60 s for the Ingress, and a shutdown
+    running beside it could deadlock ray.shutdown); the HAProxy Ray leaves (it runs in a session of its own)
+    is stopped too. On a cluster it joined, only its Serve applications go, gracefully."""
     import ray
 
-    stopper = threading.Thread(target=serve.shutdown, name="serve-shutdown", daemon=True)
-    stopper.start()
-    stopper.join(SHUTDOWN_GRACE_S)
-    if stopper.is_alive():
-        log.warning("Serve did not shut down within %.0f s; stopping Ray", SHUTDOWN_GRACE_S)
+    if not embedded:
+        serve.shutdown()
+        ray.shutdown()
+        return
     ray.shutdown()
-    reap_orphaned_haproxies(ports, why="still on port(s) %s after shutdown")
+    reap_orphaned_haproxies(ports, message="HAProxy %d outlived the Ray it served on port(s) %s; stopping it")
 
 
-def reap_orphaned_haproxies(ports: list[int], why: str = "left on port(s) %s by a Serve that is gone") -> list[int]:
+def reap_orphaned_haproxies(
+    ports: list[int], message: str = "stopping HAProxy %d left on port(s) %s by a Serve that is gone"
+) -> list[int]:
     """Stop the HAProxy processes a crashed `deepfake serve` left on `ports` (see orphaned_haproxies)."""
     import os
     import signal
 
     pids = orphaned_haproxies(ports)
     for pid in pids:
-        log.warning("stopping HAProxy %d " + why, pid, ports)
+        log.warning(message, pid, ports)
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + 5
@@ -1262,6 +1259,8 @@ def run_local(
     """`deepfake serve`: deploy the config's application and block until Ctrl-C."""
     import ray
 
+    from deepfake import cluster
+
     spec = load_serve_config(find_config(config), model=model, port=port, host=host, operating_point=operating_point)
     if c2pa_trust:
         spec["args"]["c2pa_trust"] = str(Path(c2pa_trust).resolve())
@@ -1287,4 +1286,5 @@ def run_local(
             time.sleep(3600)
     finally:
         if ray.is_initialized():
-            stop_quickly(ports=[int(spec["http_options"].get("port", 8000)), *_haproxy_side_ports()])
+            ports = [int(spec["http_options"].get("port", 8000)), *_haproxy_side_ports()]
+            stop_local(ports, embedded=cluster.requested(address) is None)

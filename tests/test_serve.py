@@ -77,7 +77,7 @@ API_KEY = "test-key-0123456789abcdef"
 
 
 @pytest.fixture(scope="module")
-def app_url(ray_local, trained_model_dir, calibrated_model_dir, model_zoo, tmp_path_factory):
+def app_url(ray_local, trained_model_dir, model_zoo, tmp_path_factory):
     from ray import serve
 
     from deepfake.serve import build_app
@@ -129,15 +129,8 @@ def app_url(ray_local, trained_model_dir, calibrated_model_dir, model_zoo, tmp_p
         route_prefix="/locked",
         blocking=False,
     )
-    # The web page's app (tests/web_page.py): the calibrated model, so the page shows the guard's answers.
-    serve.run(
-        build_app(serve_args(calibrated_model_dir, detector_num_cpus=0.2, explainer_num_cpus=0.1)),
-        name="web",
-        route_prefix="/web",
-        blocking=False,
-    )
     url = f"http://127.0.0.1:{port}"
-    for prefix in ("", "/tiny", "/locked", "/web"):
+    for prefix in ("", "/tiny", "/locked"):
         wait_healthy(url + prefix)
     yield url
     serve.shutdown()
@@ -145,7 +138,7 @@ def app_url(ray_local, trained_model_dir, calibrated_model_dir, model_zoo, tmp_p
 
 @pytest.fixture()
 def web_url(app_url):
-    return app_url + "/web"
+    return app_url  # the web page's tests name the model they want: /?model=calibrated (tests/web_page.py)
 
 
 @pytest.fixture()
@@ -508,16 +501,18 @@ def test_rolling_model_swap_behind_serves_proxy(app_url, trained_model_dir, samp
 
     model_a = _model_copy(trained_model_dir, tmp_path / "model_a", "2024-01-01T00:00:00+00:00")
     model_b = _model_copy(trained_model_dir, tmp_path / "model_b", "2025-02-02T00:00:00+00:00")
+    quick = {"graceful_shutdown_timeout_s": 5}  # the old replicas have nothing long to drain here
     lean = {"warmup": False, "explain": False, "detector_num_cpus": 0.1}
+    lean.update(ingress_options={**serve_args(model_a)["ingress_options"], **quick})
     url = f"{app_url}/swap"
     serve.run(build_app(serve_args(model_a, **lean)), name="swap", route_prefix="/swap", blocking=False)
     assert "20240101" in wait_healthy(url)["model"]
-    with Traffic(f"{url}/predict", sample_image(sample_dir).read_bytes()) as traffic:
-        try:
+    try:
+        with Traffic(f"{url}/predict", sample_image(sample_dir).read_bytes()) as traffic:
             serve.run(build_app(serve_args(model_b, **lean)), name="swap", route_prefix="/swap", blocking=False)
             traffic.wait_for_model("20250202")
-        finally:
-            serve.delete("swap")
+    finally:
+        serve.delete("swap")  # after the client stopped: a deleted app's route answers 404
     traffic.assert_swapped_without_failure("20250202")
 
 

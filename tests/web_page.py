@@ -1,8 +1,9 @@
 """The web page in a real headless Chromium, driven over the Chrome DevTools protocol (no chromedriver):
 choose a file, wait for the verdict and the Grad-CAM heatmap, check the DOM, keep a screenshot.
 
-These tests run inside tests/test_serve.py (it imports them), against the "web" and "locked" apps of its
-one Serve instance: a Serve of their own cost 40 s of the suite."""
+These tests run inside tests/test_serve.py (it imports them), against its Serve: the main app, with the page
+opened as /?model=calibrated (the calibrated model, so the page shows the guard's answers), and the "locked"
+app; a Serve of their own cost 40 s of the suite."""
 
 from __future__ import annotations
 
@@ -105,6 +106,7 @@ def browser(tmp_path):
 
 
 WEB_KEY = "web-key-0123456789abcdef"
+WEB_MODEL = "calibrated"  # the page is opened as /?model=NAME and asks the server for that model (multiplexing)
 
 
 def wait_for(cdp: CDP, expr: str, timeout: float = 120):
@@ -119,10 +121,12 @@ def wait_for(cdp: CDP, expr: str, timeout: float = 120):
 
 def test_upload_shows_verdict_and_heatmap(browser, web_url, sample_dir):
     image = sorted((sample_dir / "FAKE").iterdir())[0]
-    expected = httpx.post(f"{web_url}/predict", content=image.read_bytes(), timeout=60).json()["results"][0]
+    expected = httpx.post(f"{web_url}/predict?model={WEB_MODEL}", content=image.read_bytes(), timeout=60).json()[
+        "results"
+    ][0]
 
     browser("Page.enable")
-    browser("Page.navigate", url=web_url + "/")
+    browser("Page.navigate", url=f"{web_url}/?model={WEB_MODEL}")
     wait_for(browser, "document.readyState === 'complete' && !!document.getElementById('file')")
     assert browser.eval("getComputedStyle(document.getElementById('result')).display") == "none"
 
@@ -167,9 +171,11 @@ def test_unfamiliar_photo_shows_no_verdict_and_why(browser, web_url, tmp_path):
 
     photo = tmp_path / "coffee.jpg"
     real_photos()["coffee"].save(photo, quality=90)
-    expected = httpx.post(f"{web_url}/predict", content=photo.read_bytes(), timeout=60).json()["results"][0]
+    expected = httpx.post(f"{web_url}/predict?model={WEB_MODEL}", content=photo.read_bytes(), timeout=60).json()[
+        "results"
+    ][0]
     assert expected["verdict"] == "uncertain" and expected["in_domain"] is False
-    browser("Page.navigate", url=web_url + "/")
+    browser("Page.navigate", url=f"{web_url}/?model={WEB_MODEL}")
     wait_for(browser, "document.readyState === 'complete' && !!document.getElementById('file')")
     doc = browser("DOM.getDocument")
     node = browser("DOM.querySelector", nodeId=doc["root"]["nodeId"], selector="#file")["nodeId"]
@@ -206,14 +212,16 @@ def test_signed_image_shows_provenance_beside_the_verdict(browser, web_url, tmp_
     real_photos()["chelsea"].save(buf, format="JPEG", quality=90)
     signed = tmp_path / "signed.jpg"
     signed.write_bytes(sign(buf.getvalue(), "image/jpeg", chain, key))
-    res = httpx.post(f"{web_url}/predict", content=signed.read_bytes(), timeout=60).json()["results"][0]
+    res = httpx.post(f"{web_url}/predict?model={WEB_MODEL}", content=signed.read_bytes(), timeout=60).json()["results"][
+        0
+    ]
     prov = res["provenance"]
     assert prov["provenance"] == "declared_ai" and prov["c2pa"]["validation_state"] == "Valid"
     assert prov["c2pa"]["digital_source_types"] == ["trainedAlgorithmicMedia"] and res["verdict"] == "uncertain"
-    plain = httpx.post(f"{web_url}/predict", content=buf.getvalue(), timeout=60).json()["results"][0]
+    plain = httpx.post(f"{web_url}/predict?model={WEB_MODEL}", content=buf.getvalue(), timeout=60).json()["results"][0]
     assert plain["provenance"]["provenance"] == "none" and plain["prob_ai"] == pytest.approx(res["prob_ai"], abs=0.05)
 
-    browser("Page.navigate", url=web_url + "/")
+    browser("Page.navigate", url=f"{web_url}/?model={WEB_MODEL}")
     wait_for(browser, "document.readyState === 'complete' && !!document.getElementById('file')")
     doc = browser("DOM.getDocument")
     node = browser("DOM.querySelector", nodeId=doc["root"]["nodeId"], selector="#file")["nodeId"]
@@ -235,7 +243,7 @@ def test_http_api_reports_each_files_provenance_exactly(web_url, tmp_path_factor
     files = make_files(tmp_path_factory.mktemp("http_provenance"))
     names = sorted(EXPECTED) + ["tampered_manifest.jpg"]
     upload = [("files", (n, files[n].read_bytes(), "application/octet-stream")) for n in names]
-    r = httpx.post(f"{web_url}/predict", files=upload, timeout=120)
+    r = httpx.post(f"{web_url}/predict?model={WEB_MODEL}", files=upload, timeout=120)
     assert r.status_code == 200, r.text
     got = {x["filename"]: x["provenance"] for x in r.json()["results"]}
     for n in names:
@@ -246,7 +254,7 @@ def test_http_api_reports_each_files_provenance_exactly(web_url, tmp_path_factor
 def test_bad_file_shows_error(browser, web_url, tmp_path):
     bad = tmp_path / "notes.jpg"
     bad.write_text("this is text, not a JPEG")
-    browser("Page.navigate", url=web_url + "/")
+    browser("Page.navigate", url=f"{web_url}/?model={WEB_MODEL}")
     wait_for(browser, "document.readyState === 'complete' && !!document.getElementById('file')")
     doc = browser("DOM.getDocument")
     node = browser("DOM.querySelector", nodeId=doc["root"]["nodeId"], selector="#file")["nodeId"]
