@@ -1143,18 +1143,15 @@ def orphaned_haproxies(ports: list[int]) -> list[int]:
 
 
 def stop_local(ports: list[int], embedded: bool) -> None:
-    """Ctrl-C/SIGTERM of `deepfake serve`. On the Ray it started, stopping Ray stops every replica at once
-    (Serve's graceful shutdown waited out each replica's drain, up to 60 s for the Ingress, and a shutdown
-    running beside it could deadlock ray.shutdown); the HAProxy Ray leaves (it runs in a session of its own)
-    is stopped too. On a cluster it joined, only its Serve applications go, gracefully."""
+    """Ctrl-C/SIGTERM of `deepfake serve`: Serve's graceful shutdown, then Ray's; on the Ray it started, an
+    HAProxy left behind (it runs in a session of its own) is stopped too. Stopping Ray at once, or Serve's
+    shutdown in a thread with a shorter wait, left the process hanging after Ctrl-C in clean-clone CI runs."""
     import ray
 
-    if not embedded:
-        serve.shutdown()
-        ray.shutdown()
-        return
+    serve.shutdown()  # graceful (replicas drain; Serve gives up after 30 s); stopping Ray first hung in CI
     ray.shutdown()
-    reap_orphaned_haproxies(ports, message="HAProxy %d outlived the Ray it served on port(s) %s; stopping it")
+    if embedded:
+        reap_orphaned_haproxies(ports, message="HAProxy %d outlived the Ray it served on port(s) %s; stopping it")
 
 
 def reap_orphaned_haproxies(
