@@ -142,3 +142,15 @@ def model_zoo(calibrated_model_dir, tmp_path_factory) -> Path:
     calibrate(zoo / "other", progress=False, device="cpu")
     make_ensemble(zoo / "pair", [zoo / "calibrated", zoo / "other"], progress=False, device="cpu")
     return zoo
+
+
+def timm_probabilities(folder: Path, images: list[Image.Image]):
+    """P(output 0) of each image as plain timm gives it: the folder through timm's `local-dir:` loader and
+    timm's own data config, nothing of deepfake's."""
+    import timm
+    import torch
+
+    model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    tf = timm.data.create_transform(**timm.data.resolve_data_config(model=model))
+    with torch.no_grad():
+        return torch.softmax(model(torch.stack([tf(im) for im in images])), 1)[:, 0].numpy()

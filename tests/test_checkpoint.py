@@ -163,13 +163,11 @@ def test_plain_timm_reads_a_folder_right_or_refuses_it(trained_model_dir):
     from deepfake.data import SAMPLE_DIR
     from deepfake.images import decode_image
     from deepfake.inference import Predictor
+    from tests.conftest import timm_probabilities
 
     images = [decode_image(p.read_bytes()) for p in sorted((SAMPLE_DIR / "FAKE").iterdir())[:3]]
     images += [Image.fromarray(skdata.astronaut()), Image.fromarray(skdata.rocket())]  # 512x512, 427x640
-    model = timm.create_model(f"local-dir:{trained_model_dir}", pretrained=True).eval()
-    tf = timm.data.create_transform(**timm.data.resolve_data_config(model=model))
-    with torch.no_grad():
-        timm_p = torch.softmax(model(torch.stack([tf(im) for im in images])), 1)[:, 0].numpy()
+    timm_p = timm_probabilities(trained_model_dir, images)
     ours = [a["prob_ai_raw"] for a in Predictor.from_dir(trained_model_dir, device="cpu").predict_images(images)]
     assert timm_p == pytest.approx(ours, abs=1e-4)
     assert json.loads((trained_model_dir / ck.CONFIG).read_text())["label_names"] == ["ai", "real"]

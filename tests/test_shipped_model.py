@@ -163,14 +163,10 @@ def test_shipped_card_states_the_trust_settings(folder):
 def test_plain_timm_reads_the_shipped_lite0_right():
     """The pretrained Lite0 keeps timm's own network (stride-2 stem): timm's local-dir loader gives the same
     probabilities as deepfake, and its card names where the ImageNet weights came from."""
-    import timm
-    import torch
+    from tests.conftest import timm_probabilities
 
     images = [decode_image(p.read_bytes()) for p in sorted((SAMPLE_DIR / "FAKE").iterdir())[:4]]
-    model = timm.create_model(f"local-dir:{LITE}", pretrained=True).eval()
-    tf = timm.data.create_transform(**timm.data.resolve_data_config(model=model))
-    with torch.no_grad():
-        timm_p = torch.softmax(model(torch.stack([tf(im) for im in images])), 1)[:, 0].numpy()
+    timm_p = timm_probabilities(LITE, images)
     ours = [a["prob_ai_raw"] for a in Predictor.from_dir(LITE, device="cpu").predict_images(images)]
     assert timm_p == pytest.approx(ours, abs=1e-4)
     card = (LITE / ck.CARD).read_text()
