@@ -8,7 +8,9 @@ next to plain in-process batched PyTorch inference of the same model, for the ra
 
 Prints one JSON document (and writes it with --out): per run req/s, latency p50/p95/p99, errors by status,
 the Detector's batch-size histogram and replica count; with --kill-replica, one more run during which a
-Detector replica is killed (ray.kill) and the failed requests are counted.
+Detector replica is killed (ray.kill) and the failed requests are counted. Then, in the same invocation and
+on the same model, the same client runs (and a single client) against bench/plain_server.py, the ~100-line
+uvicorn + Starlette + asyncio micro-batching server a user could write instead, and the ratios Serve/plain.
 """
 
 from __future__ import annotations
@@ -223,6 +225,13 @@ def main() -> int:
     ap.add_argument("--inproc-seconds", type=float, default=15)
     ap.add_argument("--healthz-seconds", type=float, default=20, help="GET /healthz run first (0: skip)")
     ap.add_argument("--quick", action="store_true", help="16 clients, 10 s, no 256 run")
+    ap.add_argument("--single-seconds", type=float, default=20, help="one client alone, p50 latency (0: skip)")
+    ap.add_argument(
+        "--plain",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the same runs against bench/plain_server.py on the same model, for the ratios",
+    )
     ap.add_argument("--out", help="write the JSON here too")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -275,7 +284,9 @@ def main() -> int:
             url = _direct_url(url)
             log.info("direct ingress at %s", url)
     model_info = httpx.get(f"{url}/model", timeout=30).json()
-    model_dir = model_info["path"]
+    model_dir = args.model or (spec["args"]["model"] if spec else None)  # /model names no server paths
+    if model_dir is None:
+        raise SystemExit("--url: give --model too (the folder the app serves) for the in-process and plain runs")
 
     report: dict = {
         "url": url,
@@ -305,6 +316,10 @@ def main() -> int:
         log.info("%s", json.dumps(res))
         report["runs"].append(res)
 
+    if args.single_seconds:
+        report["single_client"] = asyncio.run(run_clients(url, images, 1, args.single_seconds))
+        log.info("one client: %s", json.dumps(report["single_client"]))
+
     if args.kill_replica:
         clients = int(args.clients.split(",")[0])
         killed: dict = {}
@@ -325,9 +340,8 @@ def main() -> int:
     if spec is not None:
         # Measured with the app gone: replicas the autoscaler starts after the load (and their model warm-up)
         # would otherwise share the cores with the in-process run (74 against 115 img/s, seen here).
-        from ray import serve
-
-        serve.shutdown()
+        # Ray too (its idle processes and HAProxy): the plain server must not share the cores with them
+        dserve.stop_local([int(spec["http_options"]["port"])], embedded=True)
     # torch's default (all cores) and one thread (what a 1-CPU replica gets: Ray sets OMP_NUM_THREADS), eager
     # and traced (what the Detector runs): the ratio is taken against the fastest of them
     report["inprocess"] = [
@@ -349,9 +363,67 @@ def main() -> int:
             "over_inprocess_img_s": round(ceiling / best_inproc, 3),
             "cpu_ms_per_request": round(per_request, 2),
         }
+    if args.plain:
+        batching = spec["args"] if spec else {}
+        report["plain"] = plain_runs(
+            model_dir,
+            images,
+            [int(c) for c in args.clients.split(",")],
+            args,
+            max_batch=int(batching.get("max_batch_size") or 32),
+            wait_s=float(batching.get("batch_wait_timeout_s") or 0.01),
+        )
+        report["serve_over_plain"] = ratios(report)
     report["loadavg_end"] = [round(x, 1) for x in os.getloadavg()]
     emit(report, args.out)
     return 0
+
+
+def plain_runs(model_dir: str, images: list[bytes], clients: list[int], args, max_batch: int, wait_s: float) -> dict:
+    """The same client runs against bench/plain_server.py (its own process, the same traced model and batch
+    limits), started after the Serve app is gone so the two never share the cores."""
+    import subprocess
+
+    port = _free_port()
+    cmd = [sys.executable, str(Path(__file__).with_name("plain_server.py")), "--model", str(model_dir)]
+    cmd += ["--port", str(port), "--max-batch", str(max_batch), "--wait", str(wait_s)]
+    proc = subprocess.Popen(cmd)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(url, timeout=120)
+        out: dict = {"server": "bench/plain_server.py", "max_batch": max_batch, "wait_s": wait_s, "runs": []}
+        for n in clients:
+            if args.warmup:
+                asyncio.run(run_clients(url, images, n, args.warmup))
+            res = asyncio.run(run_clients(url, images, n, args.duration))
+            log.info("plain server: %s", json.dumps(res))
+            out["runs"].append(res)
+        if args.single_seconds:
+            out["single_client"] = asyncio.run(run_clients(url, images, 1, args.single_seconds))
+            log.info("plain server, one client: %s", json.dumps(out["single_client"]))
+        return out
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def ratios(report: dict) -> dict:
+    """Serve over plain per client count: req/s (goal >= 1.0), p99 (goal <= 1.2); one client's p50 (<= 1.2)."""
+    plain = {r["clients"]: r for r in report["plain"]["runs"]}
+    out: dict = {}
+    for r in report["runs"]:
+        p = plain.get(r["clients"])
+        if p and p["req_per_s"]:
+            out[f"{r['clients']}_clients"] = {
+                "req_per_s": round(r["req_per_s"] / p["req_per_s"], 3),
+                "p99": round(r["latency_ms"]["p99"] / p["latency_ms"]["p99"], 3),
+                "p50": round(r["latency_ms"]["p50"] / p["latency_ms"]["p50"], 3),
+            }
+    one, plain_one = report.get("single_client"), report["plain"].get("single_client")
+    if one and plain_one:
+        out["1_client"] = {"p50": round(one["latency_ms"]["p50"] / plain_one["latency_ms"]["p50"], 3)}
+    out["goals"] = {"req_per_s_at_64": ">= 1.0", "p99_at_64": "<= 1.2", "p50_one_client": "<= 1.2"}
+    return out
 
 
 def _given(**options) -> dict:

@@ -1069,6 +1069,7 @@ FAST_HTTP_ENV = {
     "RAY_SERVE_HAPROXY_TIMEOUT_SERVER_S": "300",
 }
 HTTP_PATHS = ("auto", "haproxy", "proxy")
+EMBEDDED_DRAIN_S = "5"  # an Ingress replica's minimum drain on an embedded Ray (Ray's default: 30 s)
 
 
 def http_path_env(path: str = "auto") -> dict[str, str]:
@@ -1113,6 +1114,18 @@ def _haproxy_side_ports() -> list[int]:
     ]
 
 
+def _alive(pid: int | str) -> bool:
+    """Running, not a zombie (an orphan's zombie stays in /proc until its new parent reaps it)."""
+    stat = _proc_text(pid, "stat")
+    return ")" in stat and stat[stat.rindex(")") + 2 :][:1] != "Z"
+
+
+def _ppid(pid: int | str) -> int:
+    """The parent of `pid` from /proc/PID/stat (0 when it cannot be read: gone, or no /proc)."""
+    stat = _proc_text(pid, "stat")
+    return int(stat[stat.rindex(")") + 2 :].split()[1]) if ")" in stat else 0
+
+
 def _proc_text(pid: int | str, name: str) -> str:
     try:
         return Path(f"/proc/{pid}/{name}").read_bytes().replace(b"\0", b" ").decode(errors="replace")
@@ -1134,24 +1147,67 @@ def orphaned_haproxies(ports: list[int]) -> list[int]:
         text = "".join(Path(c).read_text(errors="replace") for c in configs if Path(c).is_file())
         if not any(f":{port}\n" in text or f":{port} " in text for port in ports):
             continue
-        stat = _proc_text(pid, "stat")
-        ppid = int(stat[stat.rindex(")") + 2 :].split()[1]) if ")" in stat else 1
+        ppid = _ppid(pid)
         parent = _proc_text(ppid, "cmdline")
-        if ppid == 1 or "ray" not in parent:
+        if ppid <= 1 or "ray" not in parent:
             found.append(int(pid))
     return found
 
 
-def stop_local(ports: list[int], embedded: bool) -> None:
+SHUTDOWN_GRACE_S = 60.0  # Serve's graceful shutdown gives replicas 30 s to drain; past this, stop hard
+
+
+def stop_local(ports: list[int], embedded: bool, grace_s: float = SHUTDOWN_GRACE_S) -> None:
     """Ctrl-C/SIGTERM of `deepfake serve`: Serve's graceful shutdown, then Ray's; on the Ray it started, an
-    HAProxy left behind (it runs in a session of its own) is stopped too. Stopping Ray at once, or Serve's
-    shutdown in a thread with a shorter wait, left the process hanging after Ctrl-C in clean-clone CI runs."""
+    HAProxy left behind (it runs in a session of its own) is stopped too. A shutdown that has not finished
+    after `grace_s` (seen once in a clean-clone CI run), or a second Ctrl-C, kills what is left instead: on its
+    own Ray every process below this one, then exits."""
+    import os
+    import signal
+    import threading
+
     import ray
 
-    serve.shutdown()  # graceful (replicas drain; Serve gives up after 30 s); stopping Ray first hung in CI
-    ray.shutdown()
-    if embedded:
-        reap_orphaned_haproxies(ports, message="HAProxy %d outlived the Ray it served on port(s) %s; stopping it")
+    def hard_stop(reason: str) -> None:
+        log.error("%s: stopping %s at once", reason, "Ray's processes" if embedded else "this driver")
+        if embedded:
+            for pid in reversed(descendants(os.getpid())):
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+            reap_orphaned_haproxies(ports)
+        logging.shutdown()
+        os._exit(130)
+
+    done = threading.Event()
+    threading.Thread(
+        target=lambda: done.wait(grace_s) or hard_stop(f"shutdown still running after {grace_s:.0f} s"),
+        name="deepfake-shutdown-watchdog",
+        daemon=True,
+    ).start()
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, lambda *_: hard_stop("a second Ctrl-C")) if main else None
+    try:
+        serve.shutdown()  # graceful (replicas drain; Serve gives up after 30 s); stopping Ray first hung in CI
+        ray.shutdown()
+        if embedded:
+            reap_orphaned_haproxies(ports, message="HAProxy %d outlived the Ray it served on port(s) %s; stopping it")
+    finally:
+        done.set()
+        if main:
+            signal.signal(signal.SIGINT, previous)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (children first, then theirs), read from /proc; [] where there is no /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        children.setdefault(_ppid(stat.parent.name), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(0), [])
+        out += kids
+        todo += kids
+    return out
 
 
 def reap_orphaned_haproxies(
@@ -1167,7 +1223,7 @@ def reap_orphaned_haproxies(
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + 5
-    while pids and time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
+    while pids and time.monotonic() < deadline and any(_alive(p) for p in pids):
         time.sleep(0.1)
     for pid in pids:
         with contextlib.suppress(OSError):
@@ -1197,6 +1253,10 @@ def start_local(spec: dict[str, Any], address: str | None = None, http_path: str
     if fresh and http_path != "proxy" and sys.platform.startswith("linux"):
         reap_orphaned_haproxies([int(spec["http_options"].get("port", 8000)), *_haproxy_side_ports()])
     env = http_path_env(http_path)
+    if fresh and env:
+        # Serve holds a stopping Ingress replica for 30 s so that an external load balancer can deregister it;
+        # on Ray's own HAProxy of one embedded node that only delays Ctrl-C (measured: 32 s of a 35 s stop)
+        env = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": EMBEDDED_DRAIN_S, **env}
     # the embedded Ray's processes inherit `env` (variables the user set win); Serve keeps Ray's metrics on
     cluster.connect(address, env={"RAY_enable_metrics_collection": "1", **env})
     if env:
@@ -1272,9 +1332,7 @@ def run_local(
     try:
         url = start_local(spec, address=address, http_path=http_path)
         logging.getLogger("deepfake").info("serving %s at %s/ (Ctrl-C to stop)", spec["args"].get("model"), url)
-        ports = sorted(
-            {n.get("MetricsExportPort") for n in ray.nodes() if n.get("Alive") and n.get("MetricsExportPort")}
-        )
+        ports = sorted({n.get("MetricsExportPort") or 0 for n in ray.nodes() if n.get("Alive")} - {0, -1})
         if ports:
             logging.getLogger("deepfake").info(
                 "Prometheus metrics at %s", ", ".join(f"http://127.0.0.1:{p}/metrics" for p in ports)

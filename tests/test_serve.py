@@ -73,6 +73,23 @@ def serve_args(model_dir: Path, **kw) -> dict:
     }
 
 
+def tiny_args(model_dir: Path) -> dict:
+    """The `tiny` app: one model slot and one queue slot (overload gives 503), no explainer; the rolling swap
+    redeploys it with another model."""
+    one = {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 1}
+    return serve_args(
+        model_dir,
+        max_batch_size=1,
+        warmup=False,
+        explain=False,
+        detector_num_cpus=0.2,
+        explainer_num_cpus=0.1,
+        detector_options={"max_ongoing_requests": 1, "max_queued_requests": 1, "autoscaling_config": one},
+        # the old replicas have nothing long to drain here
+        ingress_options={**serve_args(model_dir)["ingress_options"], "graceful_shutdown_timeout_s": 5},
+    )
+
+
 API_KEY = "test-key-0123456789abcdef"
 
 
@@ -95,23 +112,7 @@ def app_url(ray_local, trained_model_dir, model_zoo, tmp_path_factory):
         blocking=False,
     )
     # A second app under a prefix with a one-slot model queue: overload must give 503, not memory growth.
-    tiny_one = {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 1}
-    serve.run(
-        build_app(
-            serve_args(
-                trained_model_dir,
-                max_batch_size=1,
-                warmup=False,
-                explain=False,
-                detector_num_cpus=0.2,
-                explainer_num_cpus=0.1,
-                detector_options={"max_ongoing_requests": 1, "max_queued_requests": 1, "autoscaling_config": tiny_one},
-            )
-        ),
-        name="tiny",
-        route_prefix="/tiny",
-        blocking=False,
-    )
+    serve.run(build_app(tiny_args(trained_model_dir)), name="tiny", route_prefix="/tiny", blocking=False)
     # A third one that needs an API key and allows 1 request/s per key, 3 at once.
     serve.run(
         build_app(
@@ -493,26 +494,20 @@ def _model_copy(src: Path, dest: Path, created: str) -> Path:
 
 def test_rolling_model_swap_behind_serves_proxy(app_url, trained_model_dir, sample_dir, tmp_path):
     """Redeploying an app with another model while a client keeps sending requests: none may fail (Serve's
-    Python proxy; the HAProxy path is swapped by tests/test_jobs.py, through the Serve REST API)."""
+    Python proxy; the HAProxy path is swapped by tests/test_jobs.py, through the Serve REST API). The `tiny`
+    app is swapped: its overload test has run, and a new app would cost another deployment."""
 
     from ray import serve
 
     from deepfake.serve import build_app
 
-    model_a = _model_copy(trained_model_dir, tmp_path / "model_a", "2024-01-01T00:00:00+00:00")
+    url = f"{app_url}/tiny"
+    before = wait_healthy(url)["model"]
     model_b = _model_copy(trained_model_dir, tmp_path / "model_b", "2025-02-02T00:00:00+00:00")
-    quick = {"graceful_shutdown_timeout_s": 5}  # the old replicas have nothing long to drain here
-    lean = {"warmup": False, "explain": False, "detector_num_cpus": 0.1}
-    lean.update(ingress_options={**serve_args(model_a)["ingress_options"], **quick})
-    url = f"{app_url}/swap"
-    serve.run(build_app(serve_args(model_a, **lean)), name="swap", route_prefix="/swap", blocking=False)
-    assert "20240101" in wait_healthy(url)["model"]
-    try:
-        with Traffic(f"{url}/predict", sample_image(sample_dir).read_bytes()) as traffic:
-            serve.run(build_app(serve_args(model_b, **lean)), name="swap", route_prefix="/swap", blocking=False)
-            traffic.wait_for_model("20250202")
-    finally:
-        serve.delete("swap")  # after the client stopped: a deleted app's route answers 404
+    with Traffic(f"{url}/predict", sample_image(sample_dir).read_bytes()) as traffic:
+        serve.run(build_app(tiny_args(model_b)), name="tiny", route_prefix="/tiny", blocking=False)
+        traffic.wait_for_model("20250202")
+    assert before in traffic.models and "20250202" not in before  # it served the old model, then the new
     traffic.assert_swapped_without_failure("20250202")
 
 

@@ -54,9 +54,12 @@ def test_deepfake_serve_takes_the_fast_http_path(trained_model_dir, sample_dir, 
         time.sleep(5)
         left_behind = orphaned_haproxies([port])
         # started again on the same port: it stops that HAProxy and becomes healthy
+        ready_lines = (tmp_path / "serve.log").read_text(errors="replace").count("(Ctrl-C to stop)")
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         wait_healthy(url, timeout=240)
         assert httpx.post(f"{url}/predict", content=img, timeout=60).status_code == 200
+        # the Ingress answers through HAProxy before Serve calls the app ready; a user presses Ctrl-C after
+        _wait_for_line(tmp_path / "serve.log", "(Ctrl-C to stop)", count=ready_lines + 1, timeout=120)
         proc.send_signal(signal.SIGINT)  # Ctrl-C: deepfake serve shuts Serve down, HAProxy included
         assert proc.wait(timeout=120) in (0, 130)
         assert not any(f":{port}" in text for _, text in _haproxy_configs())
@@ -69,6 +72,13 @@ def test_deepfake_serve_takes_the_fast_http_path(trained_model_dir, sample_dir, 
     text = (tmp_path / "serve.log").read_text()
     assert "HTTP path: HAProxy + direct ingress" in text
     assert ("stopping HAProxy" in text) == bool(left_behind)  # what the restart found, it stopped
+
+
+def _wait_for_line(path: Path, text: str, count: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while path.read_text(errors="replace").count(text) < count:
+        assert time.monotonic() < deadline, f"{text!r} not logged {count} times in {timeout} s"
+        time.sleep(0.5)
 
 
 def _haproxy_configs() -> list[tuple[int, str]]:
@@ -113,3 +123,23 @@ def test_http_path_falls_back_to_the_proxy_when_haproxys_ports_are_taken(monkeyp
     assert http_path_env("auto") == FAST_HTTP_ENV and http_path_env("proxy") == {}
     with pytest.raises(ConfigError, match="expected one of"):
         http_path_env("nginx")
+
+
+def test_descendants_finds_children_and_grandchildren():
+    """What a hard stop of `deepfake serve` kills on its own Ray: every process below it, grandchildren too."""
+    from deepfake.serve import descendants
+
+    child = subprocess.Popen([sys.executable, "-c", "import subprocess; subprocess.run(['sleep', '30'])"])
+    try:
+        deadline = time.monotonic() + 30
+        while len(found := descendants(os.getpid())) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert child.pid in found
+        grandchildren = [p for p in found if Path(f"/proc/{p}/cmdline").read_bytes().startswith(b"sleep")]
+        assert grandchildren and found.index(child.pid) < found.index(grandchildren[0])
+    finally:
+        for pid in descendants(child.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        child.kill()
+        child.wait()

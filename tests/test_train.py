@@ -50,8 +50,17 @@ def _cfg(data, tmp_path, **train) -> Config:
     return cfg
 
 
-def test_two_workers_train_and_export(ray_local, small_sample, tmp_path):
-    out = fit(_cfg(small_sample, tmp_path, name="basic"))
+def test_two_workers_warm_start_from_a_relative_model_folder_and_export(ray_local, small_sample, tmp_path, monkeypatch):
+    """Two Ray Train workers through the CLI, initialised from a model folder named by a relative path (the
+    workers run elsewhere: the driver must resolve it), then the export: weights, card and the run's files."""
+    from tests.conftest import train_small_model
+
+    train_small_model(tmp_path / "parent", epochs=1)
+    monkeypatch.chdir(tmp_path)
+    args = ["train", "--data", str(small_sample), "--pretrained", "parent", "--epochs", "2", "--workers", "2"]
+    args += ["--stem-stride", "2", "--batch-size", "16", "--storage-path", "runs", "--name", "basic", "--out", "model"]
+    args += ["--val-ratio", "0.15", "--test-ratio", "0.15"]
+    assert main([*args, "--set", "data.image_size=32", "--set", "train.log_every=0"]) == 0
     d = tmp_path / "model"
     assert {"model.safetensors", "config.json", "README.md"} <= {p.name for p in d.iterdir()}
     model, meta = ck.load_model(d)
@@ -59,10 +68,13 @@ def test_two_workers_train_and_export(ray_local, small_sample, tmp_path):
     assert meta["config"]["train"]["workers"] == 2 and meta["epochs_run"] == 2
     assert meta["data"]["splits"]["val"] == {"ai": 9, "real": 9}
     assert 0.0 <= meta["metrics"]["val_acc"] <= 1.0 and meta["metrics"]["val_loss"] > 0
-    assert [h["epoch"] for h in out["history"]] == [1, 2] and out["history"][0]["world_size"] == 2
+    assert [h["epoch"] for h in meta["history"]] == [1, 2] and meta["history"][0]["world_size"] == 2
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 2)
     assert (tmp_path / "runs" / "basic" / "config.yaml").is_file()
     assert (tmp_path / "runs" / "basic" / "split.csv").is_file()
+    assert meta["config"]["model"]["pretrained"] == "parent"  # recorded as given
+    assert meta["parent"]["path"] == "parent" and meta["parent"]["arch"] == "efficientnet_b0"
+    assert "initialised from `parent`" in (d / "README.md").read_text()
 
 
 def test_worker_crash_restarts_from_last_checkpoint(ray_local, small_sample, tmp_path):
@@ -75,20 +87,6 @@ def test_worker_crash_restarts_from_last_checkpoint(ray_local, small_sample, tmp
     for a, b in zip(out["history"], clean["history"]):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
         assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)
-
-
-def test_warm_start_from_a_relative_model_folder_records_its_parent(ray_local, small_sample, tmp_path, monkeypatch):
-    from tests.conftest import train_small_model
-
-    train_small_model(tmp_path / "parent", epochs=1)
-    monkeypatch.chdir(tmp_path)  # Ray workers run elsewhere: the relative path must be resolved on the driver
-    args = ["train", "--data", str(small_sample), "--pretrained", "parent", "--epochs", "1", "--workers", "1"]
-    args += ["--stem-stride", "2", "--batch-size", "16", "--storage-path", "runs", "--name", "warm", "--out", "child"]
-    assert main([*args, "--set", "data.image_size=32", "--set", "train.log_every=0"]) == 0
-    meta = ck.read_metadata(tmp_path / "child")
-    assert meta["config"]["model"]["pretrained"] == "parent"  # recorded as given
-    assert meta["parent"]["path"] == "parent" and meta["parent"]["arch"] == "efficientnet_b0"
-    assert "initialised from `parent`" in (tmp_path / "child" / "README.md").read_text()
 
 
 def test_resume_after_interruption_continues_from_last_epoch(ray_local, small_sample, tmp_path):
