@@ -995,6 +995,9 @@ def serve_config_overrides(
             args[key] = model
         args.update(extra_args or {})
         app["args"] = args
+        if args.get("explain") is False and app.get("deployments"):
+            # an app built without an Explainer: Serve refuses options for a deployment the app lacks
+            app["deployments"] = [d for d in app["deployments"] if d.get("name") != "Explainer"]
         if inherited:
             env = dict(inherited)
             env.update(app.get("runtime_env") or {})

@@ -478,7 +478,8 @@ def _config_copy(dest: Path, model_dir: Path, port: int) -> Path:
     cfg = yaml.safe_load((REPO / "serve_config.yaml").read_text())
     cfg["http_options"]["port"] = port
     app = cfg["applications"][0]
-    app["args"].update(model=str(model_dir), device="cpu", detector_num_cpus=0.5, explainer_num_cpus=0.25)
+    # no Explainer: `deepfake serve`'s process test does not explain, and it starts the app twice
+    app["args"].update(model=str(model_dir), device="cpu", detector_num_cpus=0.5, explain=False)
     dest.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return dest
 
