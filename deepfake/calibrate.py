@@ -79,6 +79,24 @@ def _ok(out: RefOutputs, labels: list[str], what: str) -> tuple[RefOutputs, list
     )
 
 
+def _parts(settings: dict[str, Any], data: str | Path | None, progress: bool, allow_outside: bool):
+    """The data (the model's own unless `data` is given) scanned and split as in training;
+    both classes must be there, in the validation part too. Returns (source, catalog, parts)."""
+    source = str(data) if data is not None else (settings["path"] or str(SAMPLE_DIR))
+    catalog = scan(source, keep_blobs=True, progress=progress, allow_outside=allow_outside)
+    if catalog.samples["label"].nunique() < 2:
+        raise CalibrationError(
+            f"{source}: calibration needs images of both classes (found {catalog.samples['label'].unique().tolist()})"
+        )
+    parts = split_samples(
+        catalog.samples, settings["val_ratio"], settings["test_ratio"], settings["seed"], settings["max_per_class"]
+    )
+    val = parts[parts["split"] == "val"]
+    if val["label"].nunique() < 2:
+        raise CalibrationError(f"{source}: the validation part has {len(val)} images of one class; need both")
+    return source, catalog, parts
+
+
 def calibrate(
     model_dir: str | Path,
     data: str | Path | None = None,
@@ -101,19 +119,8 @@ def calibrate(
         raise CalibrationError(f"band {band}: need 0 <= lo <= hi <= 1")
     d = ck.resolve_model_dir(str(model_dir))
     model, meta = ck.load_model(d)
-    settings = data_settings(meta)
-    source = str(data) if data is not None else (settings["path"] or str(SAMPLE_DIR))
-    catalog = scan(source, keep_blobs=True, progress=progress, allow_outside=allow_outside)
-    if catalog.samples["label"].nunique() < 2:
-        raise CalibrationError(
-            f"{source}: calibration needs images of both classes (found {catalog.samples['label'].unique().tolist()})"
-        )
-    parts = split_samples(
-        catalog.samples, settings["val_ratio"], settings["test_ratio"], settings["seed"], settings["max_per_class"]
-    )
+    source, catalog, parts = _parts(data_settings(meta), data, progress, allow_outside)
     val = parts[parts["split"] == "val"]
-    if val["label"].nunique() < 2:
-        raise CalibrationError(f"{source}: the validation part has {len(val)} images of one class; need both")
     train = _subsample(parts[parts["split"] == "train"], fit_images)
     test = parts[parts["split"] == "test"]
     counts = train["label"].value_counts()
@@ -228,11 +235,7 @@ def calibrate_ensemble(
     settings = _common_settings(metas, "val")
     if any(not m.get("trust") for m in metas):
         raise CalibrationError(f"{d}: calibrate every member first (deepfake calibrate --model MEMBER)")
-    source = str(data) if data is not None else (settings["path"] or str(SAMPLE_DIR))
-    catalog = scan(source, keep_blobs=True, progress=progress, allow_outside=allow_outside)
-    parts = split_samples(
-        catalog.samples, settings["val_ratio"], settings["test_ratio"], settings["seed"], settings["max_per_class"]
-    )
+    source, catalog, parts = _parts(settings, data, progress, allow_outside)
     scorer = load_scorer(d, device=device, jit=True)
     read = _Reader(catalog.blobs)
     ai = CLASSES.index("ai")

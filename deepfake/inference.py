@@ -208,10 +208,7 @@ class Ensemble(Scorer):
     ):
         if len(members) < 2:
             raise ValueError(f"an ensemble needs at least 2 members, got {len(members)}")
-        first = list(members[0].classes)
-        for m in members[1:]:
-            if list(m.classes) != first:
-                raise ValueError(f"{m.version}: classes {m.classes} differ from {first}; cannot average them")
+        first = common_classes([(m.version, m.classes) for m in members])
         self._members = list(members)
         self.spec = spec or {}
         self.classes = first
@@ -219,11 +216,10 @@ class Ensemble(Scorer):
         if trust.get("operating_points"):
             self.operating_points: dict[str, Any] = trust["operating_points"]
             self.band = tuple(trust.get("band", DEFAULT_BAND))
-            self.op = parse_operating_point(operating_point, self.operating_points)
         else:
             self.operating_points = members[0].operating_points
             self.band = members[0].band
-            self.op = parse_operating_point(operating_point, self.operating_points)
+        self.op = parse_operating_point(operating_point, self.operating_points)
         names = [m.version for m in members]
         self.version = f"{name}=ensemble(" + "+".join(names) + ")" if name else ensemble_version(names)
         self.meta = {**self.spec, "classes": first, "path": self.spec.get("path")}
@@ -365,6 +361,18 @@ def load_scorer(
         raise CheckpointError(str(e)) from None
 
 
+def common_classes(named: Sequence[tuple[str, Sequence[str]]]) -> list[str]:
+    """The class list that every model shares (name, classes), or CheckpointError naming the one that differs:
+    probabilities of differently ordered classes cannot be averaged."""
+    from deepfake.checkpoint import CheckpointError
+
+    first = list(named[0][1])
+    for name, classes in named[1:]:
+        if list(classes) != first:
+            raise CheckpointError(f"{name}: classes {list(classes)} differ from {first}; cannot average them")
+    return first
+
+
 def scorer_info(model_dirs: str | Path | Sequence[str | Path]) -> dict[str, Any]:
     """What `load_scorer` would build, read from the folders' metadata alone (no weights), so a command fails
     fast and knows the version it will write before starting Ray: `version`, `operating_points`, member `metas`."""
@@ -382,10 +390,7 @@ def scorer_info(model_dirs: str | Path | Sequence[str | Path]) -> dict[str, Any]
     if any(is_ensemble(d) for d in dirs):
         raise CheckpointError("an ensemble folder cannot be combined with other --model folders; make one ensemble")
     metas = [read_metadata(d) for d in dirs]
-    first = list(metas[0]["classes"])
-    for meta, d in zip(metas[1:], dirs[1:]):
-        if list(meta["classes"]) != first:
-            raise CheckpointError(f"{d}: classes {meta['classes']} differ from {first}; cannot average them")
+    first = common_classes([(str(d), meta["classes"]) for d, meta in zip(dirs, metas)])
     if "ai" not in first:
         raise CheckpointError(f"{dirs[0]}: the model has no 'ai' class ({first})")
     return {
