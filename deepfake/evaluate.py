@@ -36,7 +36,7 @@ from deepfake.config import DataConfig
 from deepfake.data import SAMPLE_DIR, DataError, read_ref, scan, split_samples
 from deepfake.files import safe_frame, write_atomic
 from deepfake.guard import N_LOWLEVEL, lowlevel_images
-from deepfake.images import BadImage, decode_image
+from deepfake.images import BadImage, decode_image, original_size
 from deepfake.inference import BatchScores, join_features, load_scorer, scorer_info
 from deepfake.metrics import (
     brier,
@@ -150,7 +150,8 @@ class _EvalImages(Dataset):
             if perturb is not None:
                 img = perturb(img)
             low = lowlevel_images([img], self.lowlevel_size)[0] if n_low else np.zeros(0, np.float32)
-            return self.transform(img), i, img.width, img.height, low, ""
+            w, h = original_size(img)
+            return self.transform(img), i, w, h, low, ""
         except (BadImage, OSError, KeyError) as e:
             err = f"{type(e).__name__}: {e}"[:200]
             return torch.zeros(3, self.size, self.size), i, 0, 0, np.zeros(n_low, np.float32), err

@@ -16,6 +16,7 @@ from torch import nn
 from deepfake.calibration import DEFAULT_BAND, parse_operating_point, softmax, verdict
 from deepfake.checkpoint import load_model
 from deepfake.guard import DomainGuard, TappedNet, lowlevel_images
+from deepfake.images import original_size
 from deepfake.model import autocast, input_to_device, pick_device, to_device
 from deepfake.transforms import build_transform
 
@@ -278,7 +279,7 @@ class _LogitsOnly(nn.Module):
 
 def score_images(predictors: Sequence[Predictor], images: Sequence[Image.Image], combine: Any = None) -> BatchScores:
     """One model's scores, or an ensemble's (`combine_scores`, or the given `combine`)."""
-    sizes = [img.size for img in images]
+    sizes = [original_size(img) for img in images]  # the guard's size envelope: the file's, not the decode's
     per = [p.score_batch(p.preprocess(images), sizes, p.lowlevel(images)) for p in predictors]
     return (combine or combine_scores)(per)
 

@@ -40,7 +40,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 
 from deepfake.auth import RateLimiter, load_keys, presented_key
 from deepfake.config import REPO_ROOT, locate
-from deepfake.images import MAX_PIXELS, BadImage, decode_image, pixel_count
+from deepfake.images import MAX_PIXELS, BadImage, decode_image, original_size, pixel_count
 from deepfake.provenance import load_trust, read_provenance
 
 log = logging.getLogger("ray.serve")
@@ -681,8 +681,8 @@ class Ingress:
                 "filename": name,
                 **v,
                 "provenance": prov,
-                "width": img.width,
-                "height": img.height,
+                "width": original_size(img)[0],
+                "height": original_size(img)[1],
                 "latency_ms": round((time.perf_counter() - t0) * 1000, 2),
             }
 

@@ -165,6 +165,33 @@ def test_exif_rotation_is_applied():
     assert out.size == (20, 40)
 
 
+def test_a_large_jpeg_decodes_reduced_and_keeps_its_size():
+    """A 2400x1800 photo-like JPEG is decoded at 1/4 scale (short side 450 >= 256: the models read <= 128 px),
+    its upright original size kept; rotated by EXIF, that size turns too; PNGs and small JPEGs stay whole."""
+    from skimage import data
+
+    from deepfake.images import DRAFT_MIN_SIDE, original_size
+
+    photo = Image.fromarray(data.astronaut()).resize((2400, 1800), Image.Resampling.BICUBIC)
+    jpeg = _encode(photo, "JPEG")
+    out = decode_image(jpeg)
+    assert out.size == (600, 450) and DRAFT_MIN_SIDE <= min(out.size) < 2 * DRAFT_MIN_SIDE
+    assert original_size(out) == (2400, 1800)
+    whole = decode_image(jpeg, min_side=None)
+    assert whole.size == (2400, 1800) and original_size(whole) == (2400, 1800)
+    # the same picture either way, at the models' scale
+    a = np.asarray(out.resize((64, 64), Image.Resampling.BICUBIC), dtype=np.float32)
+    b = np.asarray(whole.resize((64, 64), Image.Resampling.BICUBIC), dtype=np.float32)
+    assert np.abs(a - b).mean() < 4.0
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    turned = decode_image(_encode(photo, "JPEG", exif=exif.tobytes()))
+    assert turned.size == (450, 600) and original_size(turned) == (1800, 2400)
+    assert decode_image(_encode(photo, "PNG")).size == (2400, 1800)
+    small = decode_image(_encode(photo.resize((500, 375)), "JPEG"))  # short side < 2 x 256: whole
+    assert small.size == (500, 375) and original_size(small) == (500, 375)
+
+
 # ------------------------------------------------------------------------------------------ split
 def _toy_samples(n_per_class=50, dup_groups=5):
     rows = []

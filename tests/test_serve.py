@@ -277,6 +277,26 @@ def test_predict_raw_body(app_url, sample_dir, trained_model_dir):
     assert res["prob_ai_raw"] == pytest.approx(local["prob_ai_raw"], abs=1e-4) and res["operating_point"] == "0.5"
 
 
+def test_a_large_jpeg_is_answered_with_its_own_size_and_the_cli_verdict(app_url, model_zoo):
+    """A 1600x1200 photo: the server decodes it reduced (JPEG draft), answers with the file's own size, and
+    its verdict is the one the CLI's Predictor gives for the same bytes (guard included)."""
+    from skimage import data
+
+    from deepfake.images import decode_image
+    from deepfake.inference import load_scorer
+
+    buf = io.BytesIO()
+    Image.fromarray(data.astronaut()).resize((1600, 1200)).save(buf, format="JPEG", quality=60)
+    assert len(buf.getvalue()) < MAX_BODY
+    r = httpx.post(f"{app_url}/predict?model=calibrated", content=buf.getvalue(), timeout=60)
+    assert r.status_code == 200, r.text
+    (res,) = r.json()["results"]
+    assert (res["width"], res["height"]) == (1600, 1200)
+    local = load_scorer(model_zoo / "calibrated", device="cpu").predict_images([decode_image(buf.getvalue())])[0]
+    assert res["prob_ai"] == pytest.approx(local["prob_ai"], abs=1e-4)
+    assert res["verdict"] == local["verdict"] and res["in_domain"] == local["in_domain"] is False
+
+
 @pytest.mark.slow
 def test_predict_multipart_many_files(app_url, sample_dir, trained_model_dir):
     paths = [sample_image(sample_dir, "FAKE", i) for i in range(3)] + [
