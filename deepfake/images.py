@@ -22,8 +22,9 @@ MAX_PIXELS = 40_000_000
 
 # A large JPEG is decoded straight at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, Pillow's `draft`) down to
 # this short side: the models read at most 128 px and the guard 32, so a 24 Mpx photo costs about what a
-# 0.4 Mpx one does instead of a full decode. The header's size is kept (`original_size`): the answer, the
-# guard's size envelope and the request budget speak of the file as it is.
+# 0.4 Mpx one does instead of a full decode. Any other large image is box-reduced to it after decoding, so what
+# a decoded image holds (and what the server ships between its processes) stays small. The header's size is
+# kept (`original_size`): the answer, the guard's size envelope and the request budget speak of the file.
 DRAFT_MIN_SIDE = 256
 ORIGINAL_SIZE = "deepfake_original_size"
 EXIF_ORIENTATION = 0x0112
@@ -62,8 +63,9 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 
 def decode_image(data: bytes, max_pixels: int = MAX_PIXELS, min_side: int | None = DRAFT_MIN_SIDE) -> Image.Image:
-    """Decode bytes to an upright RGB image or raise BadImage(reason). A JPEG whose short side is at least
-    twice `min_side` is decoded at a reduced scale (see DRAFT_MIN_SIDE); `original_size` gives its size."""
+    """Decode bytes to an upright RGB image or raise BadImage(reason). An image whose short side is at least
+    twice `min_side` comes back reduced by an integer factor, a JPEG decoded so (see DRAFT_MIN_SIDE);
+    `original_size` gives the file's size."""
     if not data:
         raise BadImage("empty", "zero bytes")
     try:
@@ -86,6 +88,9 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS, min_side: int | None
         turned = img.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8)  # exif_transpose swaps width and height
         img.load()
         out = _to_rgb(ImageOps.exif_transpose(img))
+        factor = min(out.size) // min_side if min_side else 1
+        if factor >= 2:
+            out = out.reduce(factor)  # box filter over factor x factor blocks: cheap, and no aliasing
         out.info[ORIGINAL_SIZE] = (full[1], full[0]) if turned else full
         return out
     except Image.DecompressionBombError as e:

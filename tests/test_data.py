@@ -167,7 +167,8 @@ def test_exif_rotation_is_applied():
 
 def test_a_large_jpeg_decodes_reduced_and_keeps_its_size():
     """A 2400x1800 photo-like JPEG is decoded at 1/4 scale (short side 450 >= 256: the models read <= 128 px),
-    its upright original size kept; rotated by EXIF, that size turns too; PNGs and small JPEGs stay whole."""
+    its upright original size kept; rotated by EXIF, that size turns too; a large PNG is reduced after decoding;
+    small images stay whole."""
     from skimage import data
 
     from deepfake.images import DRAFT_MIN_SIDE, original_size
@@ -187,7 +188,10 @@ def test_a_large_jpeg_decodes_reduced_and_keeps_its_size():
     exif[0x0112] = 6  # rotate 90 degrees on display
     turned = decode_image(_encode(photo, "JPEG", exif=exif.tobytes()))
     assert turned.size == (450, 600) and original_size(turned) == (1800, 2400)
-    assert decode_image(_encode(photo, "PNG")).size == (2400, 1800)
+    png = decode_image(_encode(photo, "PNG"))  # decoded whole, then box-reduced by 1800 // 256 = 7
+    assert png.size == (343, 258) and original_size(png) == (2400, 1800)
+    c = np.asarray(png.resize((64, 64), Image.Resampling.BICUBIC), dtype=np.float32)
+    assert np.abs(c - b).mean() < 4.0
     small = decode_image(_encode(photo.resize((500, 375)), "JPEG"))  # short side < 2 x 256: whole
     assert small.size == (500, 375) and original_size(small) == (500, 375)
 
