@@ -27,7 +27,6 @@ MAX_PIXELS = 40_000_000
 # kept (`original_size`): the answer, the guard's size envelope and the request budget speak of the file.
 DRAFT_MIN_SIDE = 256
 ORIGINAL_SIZE = "deepfake_original_size"
-EXIF_ORIENTATION = 0x0112
 
 
 class BadImage(ValueError):
@@ -85,9 +84,9 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS, min_side: int | None
     try:
         if min_side and img.format in ("JPEG", "MPO") and min(full) >= 2 * min_side:
             img.draft("RGB", (min_side, min_side))
-        turned = img.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8)  # exif_transpose swaps width and height
         img.load()
         out = _to_rgb(ImageOps.exif_transpose(img))
+        turned = out.size != img.size  # EXIF turned it a quarter: width and height swap
         factor = min(out.size) // min_side if min_side else 1
         if factor >= 2:
             out = out.reduce(factor)  # box filter over factor x factor blocks: cheap, and no aliasing

@@ -677,12 +677,13 @@ class Ingress:
 
         async def one(name: str, img: Image.Image, prov: dict[str, Any] | None) -> dict[str, Any]:
             v = await self._call(detector.predict, img)
+            width, height = original_size(img)
             return {
                 "filename": name,
                 **v,
                 "provenance": prov,
-                "width": original_size(img)[0],
-                "height": original_size(img)[1],
+                "width": width,
+                "height": height,
                 "latency_ms": round((time.perf_counter() - t0) * 1000, 2),
             }
 
@@ -1117,16 +1118,22 @@ def _haproxy_side_ports() -> list[int]:
     ]
 
 
+def _stat(pid: int | str) -> list[str]:
+    """/proc/PID/stat's fields after the command name (state, ppid, ...); [] when it cannot be read."""
+    stat = _proc_text(pid, "stat")
+    return stat[stat.rindex(")") + 2 :].split() if ")" in stat else []
+
+
 def _alive(pid: int | str) -> bool:
     """Running, not a zombie (an orphan's zombie stays in /proc until its new parent reaps it)."""
-    stat = _proc_text(pid, "stat")
-    return ")" in stat and stat[stat.rindex(")") + 2 :][:1] != "Z"
+    fields = _stat(pid)
+    return bool(fields) and fields[0] != "Z"
 
 
 def _ppid(pid: int | str) -> int:
-    """The parent of `pid` from /proc/PID/stat (0 when it cannot be read: gone, or no /proc)."""
-    stat = _proc_text(pid, "stat")
-    return int(stat[stat.rindex(")") + 2 :].split()[1]) if ")" in stat else 0
+    """The parent of `pid` (0 when it cannot be read: gone, or no /proc)."""
+    fields = _stat(pid)
+    return int(fields[1]) if fields else 0
 
 
 def _proc_text(pid: int | str, name: str) -> str:
