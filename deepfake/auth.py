@@ -95,15 +95,6 @@ def load_keys(file: str | Path | None = None, env: Mapping[str, str] | None = No
     return store
 
 
-def presented_key(headers: Mapping[str, str]) -> str | None:
-    """The key a request carries: `Authorization: Bearer KEY` or `X-API-Key: KEY` (header names any case)."""
-    lower = {k.lower(): v for k, v in headers.items()}
-    auth = lower.get("authorization", "")
-    if auth[:7].lower() == "bearer ":
-        return auth[7:].strip() or None
-    return (lower.get("x-api-key") or "").strip() or None
-
-
 class RateLimiter:
     """A token bucket per key: `rate` requests per second on average, bursts up to `burst`."""
 

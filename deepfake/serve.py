@@ -6,9 +6,8 @@ Three deployments composed through handles, so each scales on its own:
   into one forward pass (the only way a CPU/GPU model gets its throughput back under many clients).
 - `Explainer` holds its own model copy (Grad-CAM hooks it and needs a backward pass) and calls
   `deepfake.explain.explain_images`.
-- `Ingress` parses HTTP (raw body or multipart), decodes every upload through `decode_image`, routes by
-  path and turns every failure into a JSON error with a status code: no stack trace reaches a client
-  and no bad upload can kill a replica.
+- `Ingress` (`deepfake.ingress`) is the FastAPI app behind `@serve.ingress`: it reads and decodes every
+  upload, checks keys and limits, and turns every failure into a JSON error with a status code.
 
 `app_builder` is the import path for `serve run|deploy serve_config.yaml`; `build_app` is the same for
 Python callers (tests, `deepfake serve`).
@@ -17,48 +16,30 @@ Python callers (tests, `deepfake serve`).
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import io
 import logging
-import math
 import sys
 import time
 from collections import Counter
 from collections.abc import Callable
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 from pydantic import BaseModel, Field
 from ray import serve
-from ray.serve.handle import DeploymentHandle
-from starlette.datastructures import UploadFile
-from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, Response
 
-from deepfake.auth import RateLimiter, load_keys, presented_key
+from deepfake.auth import load_keys
 from deepfake.config import REPO_ROOT, locate
-from deepfake.images import MAX_PIXELS, BadImage, decode_image, original_size, pixel_count
-from deepfake.provenance import load_trust, read_provenance
+from deepfake.images import MAX_PIXELS
+from deepfake.ingress import Ingress
+from deepfake.provenance import load_trust
 
 log = logging.getLogger("ray.serve")
 
 
-# BadImage reason -> HTTP status. A bomb is a small body whose *pixels* are too large: 413 as well.
-STATUS_FOR_REASON = {
-    "empty": 400,
-    "not_an_image": 415,
-    "unsupported_format": 415,
-    "truncated": 400,
-    "corrupt": 400,
-    "decompression_bomb": 413,
-}
-
-
 MAX_MODELS_PER_REPLICA = 3  # named models a Detector/Explainer replica keeps loaded (least recently used go)
-MODEL_HEADER = "serve_multiplexed_model_id"  # Serve's own header for a multiplexed model id
 
 
 class ServeArgs(BaseModel):
@@ -111,58 +92,6 @@ class ServeArgs(BaseModel):
     ingress_options: dict[str, Any] = {}
 
 
-class HTTPError(Exception):
-    """An error that becomes a JSON response: {"error": tag, "detail": text, ...extra}."""
-
-    def __init__(self, status: int, error: str, detail: str = "", headers: dict[str, str] | None = None, **extra: Any):
-        super().__init__(detail or error)
-        self.status = status
-        self.headers = headers or {}
-        self.body = {"error": error, "detail": detail, **extra}
-
-
-# Sent with every response: no MIME sniffing, no framing by other sites, scripts/styles/images only from here
-# (the page's own inline script and style, and the blob: URLs it makes for the uploaded image and heatmap).
-SECURITY_HEADERS = {
-    "X-Content-Type-Options": "nosniff",
-    "X-Frame-Options": "DENY",
-    "Referrer-Policy": "no-referrer",
-    "Content-Security-Policy": (
-        "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
-        "img-src 'self' blob: data:; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
-    ),
-}
-
-# Keys of the model metadata that hold paths of the machine that trained or serves the model: /model leaves
-# them out, so the endpoint does not map the server's (or the trainer's) file system for its callers.
-PRIVATE_KEYS = {
-    "path",
-    "member_dirs",
-    "out",
-    "storage_path",
-    "file",
-    "pretrained",
-    "run_dir",
-    "source",
-    "skipped_files",
-}
-
-
-def public_meta(value: Any) -> Any:
-    """The metadata without PRIVATE_KEYS, at any depth."""
-    if isinstance(value, dict):
-        return {k: public_meta(v) for k, v in value.items() if k not in PRIVATE_KEYS}
-    if isinstance(value, list):
-        return [public_meta(v) for v in value]
-    return value
-
-
-# Routes anyone may call when the server requires keys: the health probe of load balancers, and the page,
-# which asks the user for a key.
-OPEN_ROUTES = {("GET", "/healthz"), ("GET", "/"), ("GET", "/index.html")}
-KNOWN_ROUTES = {"/", "/index.html", "/healthz", "/model", "/models", "/stats", "/predict", "/explain"}  # metric labels
-
-
 # ---------------------------------------------------------------------------------------------- pure helpers
 def resolve_model_dir(model: str | None) -> Path:
     """The model folder (default: the shipped model), checked at build time rather than in every replica."""
@@ -199,30 +128,10 @@ def cluster_gpu_count() -> float:
     return float(torch.cuda.device_count())
 
 
-def error_status(reason: str) -> int:
-    return STATUS_FOR_REASON.get(reason, 400)
-
-
-def wants_json(accept: str, fmt: str | None) -> bool:
-    """/explain answers PNG unless ?format=json or the client prefers JSON over PNG."""
-    if fmt:
-        return fmt.lower() == "json"
-    accept = accept.lower()
-    return "application/json" in accept and "image/png" not in accept
-
-
 def png_bytes(img: Image.Image) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
-
-
-def route_path(scope: dict) -> str:
-    """Path relative to the application's route prefix, so the app works under any prefix."""
-    path, root = scope.get("path", "/"), scope.get("root_path", "")
-    if root and path.startswith(root):
-        path = path[len(root) :]
-    return "/" + path.strip("/")
 
 
 def _replica_id() -> str:
@@ -232,48 +141,12 @@ def _replica_id() -> str:
         return "local"
 
 
-def servable_models(models_dir: str | Path) -> dict[str, str]:
-    """Name -> version of every model or ensemble folder directly inside `models_dir` (what `?model=` accepts)."""
-    from deepfake.inference import scorer_info
-
-    out = {}
-    root = Path(models_dir)
-    for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root.is_dir() else []:
-        try:
-            out[d.name] = scorer_info(d)["version"]
-        except Exception:  # noqa: BLE001 - not a model folder (or a broken one): not servable by name
-            continue
-    return out
-
-
 def _dummy_images(size: int, n: int) -> list[Image.Image]:
     return [Image.new("RGB", (size, size), (i * 40 % 256, 128, 200)) for i in range(n)]
 
 
 # ---------------------------------------------------------------------------------------------- metrics
-LATENCY_BUCKETS_MS = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000]
 BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128]
-
-
-class AppMetrics:
-    """The app's Prometheus metrics, through Ray Serve's own metrics API (`ray.serve.metrics`): Ray exports them
-    with its own on every node's metrics port (`ray_` prefixed), tagged with deployment, replica and app."""
-
-    def __init__(self) -> None:
-        from ray.serve import metrics
-
-        self.requests = metrics.Counter(
-            "deepfake_requests", "HTTP requests answered, by route and status", tag_keys=("route", "status")
-        )
-        self.latency = metrics.Histogram(
-            "deepfake_request_latency_ms", "HTTP request latency (ms)", LATENCY_BUCKETS_MS, tag_keys=("route",)
-        )
-        self.verdicts = metrics.Counter(
-            "deepfake_verdicts", "answers given, by verdict and model", tag_keys=("verdict", "model")
-        )
-        self.rejections = metrics.Counter(
-            "deepfake_decode_rejections", "uploads refused before the model, by reason", tag_keys=("reason",)
-        )
 
 
 def batch_size_histogram():
@@ -508,323 +381,6 @@ class Explainer:
     def check_health(self) -> None:
         if any(m.model is None for m in self.predictor.members):
             raise RuntimeError("model not loaded")
-
-
-@serve.deployment(name="Ingress")
-class Ingress:
-    """HTTP front door: parsing, validation, routing and error mapping; the models live behind handles."""
-
-    def __init__(self, detector: DeploymentHandle, explainer: DeploymentHandle | None, model_dir: str, settings: dict):
-        from deepfake.checkpoint import is_ensemble, read_ensemble
-        from deepfake.inference import scorer_info
-
-        self.detector = detector
-        self.explainer = explainer
-        self.model_dir = model_dir
-        self.models_dir = Path(settings.get("models_dir") or Path(model_dir).parent)
-        self.default_name = Path(model_dir).name
-        self.models = servable_models(self.models_dir)
-        info = scorer_info(model_dir)
-        self.meta = read_ensemble(model_dir) if is_ensemble(model_dir) else info["metas"][0]
-        self.version = info["version"]
-        self.public_meta = public_meta(self.meta)
-        self.classes = list(info["metas"][0]["classes"])
-        self.max_body = int(settings["max_body_bytes"])
-        self.max_pixels = int(settings["max_pixels"])
-        self.max_request_pixels = int(settings.get("max_request_pixels") or 2 * MAX_PIXELS)
-        self.max_files = int(settings["max_files"])
-        self.retries = int(settings["retries"])
-        self.provenance = bool(settings.get("provenance", True))
-        self.c2pa_trust = load_trust(settings.get("c2pa_trust"))
-        self.page = resources.files("deepfake").joinpath("static/index.html").read_bytes()
-        self.keys = load_keys(settings.get("api_keys_file"))
-        rate = settings.get("rate_limit")
-        self.limiter = RateLimiter(rate, settings.get("rate_burst")) if rate else None
-        self.statuses: Counter[int] = Counter()
-        self.retried = 0
-        self.metrics = AppMetrics()
-
-    async def __call__(self, request: Request) -> Response:
-        t0 = time.perf_counter()
-        try:
-            resp = await self._route(request)
-        except HTTPError as e:
-            resp = JSONResponse(e.body, status_code=e.status, headers=e.headers)
-        except Exception as e:  # noqa: BLE001 - the one place every unexpected failure becomes a JSON 5xx
-            from ray.serve.exceptions import BackPressureError
-
-            if isinstance(e, BackPressureError) or isinstance(getattr(e, "cause", None), BackPressureError):
-                resp = JSONResponse(
-                    {"error": "overloaded", "detail": "the model queue is full; retry shortly"},
-                    status_code=503,
-                    headers={"Retry-After": "1"},
-                )
-            else:
-                log.exception("request failed")
-                resp = JSONResponse({"error": "internal", "detail": type(e).__name__}, status_code=500)
-        self.statuses[resp.status_code] += 1
-        route = route_path(request.scope)
-        route = route if route in KNOWN_ROUTES else "other"  # unknown paths must not grow the label set
-        self.metrics.requests.inc(tags={"route": route, "status": str(resp.status_code)})
-        self.metrics.latency.observe(1000 * (time.perf_counter() - t0), tags={"route": route})
-        resp.headers.update(SECURITY_HEADERS)
-        return resp
-
-    async def _route(self, request: Request) -> Response:
-        path, method = route_path(request.scope), request.method
-        routes = {
-            ("GET", "/"): self._page,
-            ("GET", "/index.html"): self._page,
-            ("GET", "/healthz"): self._healthz,
-            ("GET", "/model"): self._model,
-            ("GET", "/models"): self._models,
-            ("GET", "/stats"): self._stats,
-            ("POST", "/predict"): self._predict,
-            ("POST", "/explain"): self._explain,
-        }
-        handler = routes.get((method, path))
-        if handler is None:
-            if any(p == path for _, p in routes):
-                allowed = ", ".join(m for m, p in routes if p == path)
-                raise HTTPError(405, "method_not_allowed", f"{method} {path}: use {allowed}")
-            raise HTTPError(404, "not_found", f"no route {path}; see GET / for the page, POST /predict, /explain")
-        if (method, path) not in OPEN_ROUTES:
-            self._admit(request)
-        return await handler(request)
-
-    def _admit(self, request: Request) -> None:
-        """The API key check (401) and the per-key rate limit (429 with Retry-After)."""
-        who = None
-        if self.keys.required:
-            who = self.keys.identify(presented_key(request.headers))
-            if who is None:
-                raise HTTPError(
-                    401,
-                    "unauthorized",
-                    "this server needs an API key: send it as 'Authorization: Bearer KEY' or 'X-API-Key: KEY'",
-                    headers={"WWW-Authenticate": 'Bearer realm="deepfake"'},
-                )
-        if self.limiter is not None:
-            wait = self.limiter.take(who or (request.client.host if request.client else "anonymous"))
-            if wait > 0:
-                raise HTTPError(
-                    429,
-                    "rate_limited",
-                    f"over {self.limiter.rate:g} requests/s for this key; retry in {wait:.1f} s",
-                    headers={"Retry-After": str(max(1, math.ceil(wait)))},
-                )
-
-    # ---- routes
-    async def _page(self, request: Request) -> Response:
-        return HTMLResponse(self.page)
-
-    async def _healthz(self, request: Request) -> Response:
-        try:
-            await asyncio.wait_for(self._call(self.detector.stats), timeout=10)
-        except Exception as e:  # noqa: BLE001
-            return JSONResponse({"status": "unavailable", "detail": type(e).__name__}, status_code=503)
-        return JSONResponse({"status": "ok", "model": self.version})
-
-    async def _model(self, request: Request) -> Response:
-        name = self._model_name(request)
-        if not name:
-            return JSONResponse({"version": self.version, "meta": self.public_meta})
-        from deepfake.checkpoint import is_ensemble, read_ensemble, read_metadata
-
-        d = self.models_dir / name
-        meta = await asyncio.to_thread(lambda: read_ensemble(d) if is_ensemble(d) else read_metadata(d))
-        return JSONResponse({"name": name, "version": self.models[name], "meta": public_meta(meta)})
-
-    async def _models(self, request: Request) -> Response:
-        self.models = await asyncio.to_thread(servable_models, self.models_dir)
-        return JSONResponse({"default": {"name": self.default_name, "version": self.version}, "models": self.models})
-
-    def _model_name(self, request: Request) -> str:
-        """The model a request names (?model= or Serve's multiplexing header), checked against the models
-        directory ('' for the default); an unknown name is a 404 that lists the known ones."""
-        name = (request.query_params.get("model") or request.headers.get(MODEL_HEADER) or "").strip()
-        if not name or name == self.default_name:
-            return ""
-        if name not in self.models:  # a folder added since start-up is found on the next miss
-            self.models = servable_models(self.models_dir)
-        if name not in self.models or "/" in name or name.startswith("."):
-            raise HTTPError(
-                404,
-                "unknown_model",
-                f"no model {name!r} here; GET /models lists them",
-                models=[self.default_name, *sorted(n for n in self.models if n != self.default_name)],
-            )
-        return name
-
-    def _handle(self, handle: DeploymentHandle, name: str) -> DeploymentHandle:
-        return handle.options(multiplexed_model_id=name) if name else handle
-
-    async def _stats(self, request: Request) -> Response:
-        det = await self._call(self.detector.stats)
-        exp = await self._call(self.explainer.stats) if self.explainer is not None else None
-        return JSONResponse(
-            {
-                "ingress": {"statuses": {str(k): v for k, v in sorted(self.statuses.items())}, "retried": self.retried},
-                "detector": det,
-                "explainer": exp,
-            }
-        )
-
-    async def _predict(self, request: Request) -> Response:
-        t0 = time.perf_counter()
-        detector = self._handle(self.detector, self._model_name(request))
-        files = await self._read_images(request)
-
-        async def one(name: str, img: Image.Image, prov: dict[str, Any] | None) -> dict[str, Any]:
-            v = await self._call(detector.predict, img)
-            width, height = original_size(img)
-            return {
-                "filename": name,
-                **v,
-                "provenance": prov,
-                "width": width,
-                "height": height,
-                "latency_ms": round((time.perf_counter() - t0) * 1000, 2),
-            }
-
-        results = await asyncio.gather(*(one(n, img, prov) for n, img, prov in files))
-        for r in results:
-            self.metrics.verdicts.inc(tags={"verdict": str(r.get("verdict")), "model": str(r.get("model"))})
-        return JSONResponse({"results": results})
-
-    async def _explain(self, request: Request) -> Response:
-        t0 = time.perf_counter()
-        target = request.query_params.get("target") or None
-        if target is not None and target not in self.classes:
-            raise HTTPError(400, "bad_target", f"target must be one of {self.classes}, got {target!r}")
-        if self.explainer is None:
-            raise HTTPError(501, "explain_disabled", "this deployment serves predictions only (explain=false)")
-        explainer = self._handle(self.explainer, self._model_name(request))
-        as_json = wants_json(request.headers.get("accept", ""), request.query_params.get("format"))
-        files = await self._read_images(request)
-        if not as_json and len(files) > 1:
-            raise HTTPError(400, "one_image_for_png", "a PNG answer holds one image; use ?format=json for several")
-        outs = await asyncio.gather(*(self._call(explainer.explain, (img, target)) for _, img, _ in files))
-        ms = round((time.perf_counter() - t0) * 1000, 2)
-        if not as_json:
-            o = outs[0]
-            headers = {
-                "X-Label": o["label"],
-                "X-Verdict": o["verdict"],
-                "X-In-Domain": {True: "true", False: "false", None: "unknown"}[o["in_domain"]],
-                "X-Prob-AI": f"{o['prob_ai']:.6f}",
-                "X-Target": o["target"],
-                "X-Model": o["model"],
-                "X-Filename": files[0][0].encode("ascii", "replace").decode(),
-                "X-Provenance": (files[0][2] or {}).get("provenance", "unknown"),
-                "X-Latency-Ms": str(ms),
-            }
-            return Response(o["overlay_png"], media_type="image/png", headers=headers)
-        results = []
-        for (name, _, prov), o in zip(files, outs):
-            png = o.pop("overlay_png")
-            results.append(
-                {
-                    "filename": name,
-                    **o,
-                    "provenance": prov,
-                    "overlay_png_base64": base64.b64encode(png).decode(),
-                    "latency_ms": ms,
-                }
-            )
-        return JSONResponse({"results": results})
-
-    # ---- plumbing
-    async def _call(self, method, *args):
-        """Call a deployment method; re-send when its replica died mid-call (the router picks a live one)."""
-        from ray.exceptions import ActorDiedError, ActorUnavailableError
-
-        for attempt in range(self.retries + 1):
-            try:
-                return await method.remote(*args)
-            except (ActorDiedError, ActorUnavailableError) as e:
-                if attempt == self.retries:
-                    raise HTTPError(503, "replica_unavailable", f"model replica died: {type(e).__name__}") from None
-                self.retried += 1
-                log.warning("replica died during a call (%s); retrying", type(e).__name__)
-                await asyncio.sleep(0.2 * (attempt + 1))
-
-    async def _read_body(self, request: Request) -> bytes:
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > self.max_body:
-            raise HTTPError(413, "body_too_large", f"{declared} bytes > limit {self.max_body}", limit=self.max_body)
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > self.max_body:
-                raise HTTPError(413, "body_too_large", f"more than {self.max_body} bytes", limit=self.max_body)
-        return bytes(body)
-
-    async def _read_images(self, request: Request) -> list[tuple[str, Image.Image, dict[str, Any] | None]]:
-        """Raw body (one image) or multipart (every file field), each decoded safely, or an HTTPError; with
-        each file's provenance record, read from its original bytes (None when provenance is off)."""
-        body = await self._read_body(request)
-        ctype = request.headers.get("content-type", "").lower()
-        if ctype.startswith("multipart/form-data"):
-            uploads = await self._parse_multipart(request, body)
-        else:
-            uploads = [(request.query_params.get("filename") or "upload", body)]
-
-        def decode_all() -> list[tuple[str, Image.Image, dict[str, Any] | None]]:
-            total = sum(pixel_count(data) for _, data in uploads)  # headers only: refused before decoding
-            if total > self.max_request_pixels:
-                self.metrics.rejections.inc(tags={"reason": "too_many_pixels"})
-                raise HTTPError(
-                    413,
-                    "too_many_pixels",
-                    f"the {len(uploads)} file(s) hold {total / 1e6:.1f} Mpx together; this server decodes at most "
-                    f"{self.max_request_pixels / 1e6:.0f} Mpx per request",
-                )
-            out, bad = [], []
-            for name, data in uploads:
-                try:
-                    img = decode_image(data, max_pixels=self.max_pixels)
-                    prov = read_provenance(data, self.c2pa_trust) if self.provenance else None
-                    out.append((name, img, prov))
-                except BadImage as e:
-                    bad.append({"filename": name, "reason": e.reason, "detail": e.detail[:200]})
-            for b in bad:
-                self.metrics.rejections.inc(tags={"reason": b["reason"]})
-            if bad:
-                first = bad[0]
-                raise HTTPError(
-                    error_status(first["reason"]),
-                    first["reason"],
-                    f"{first['filename']}: {first['detail'] or first['reason']}",
-                    files=bad,
-                )
-            return out
-
-        return await asyncio.to_thread(decode_all)
-
-    async def _parse_multipart(self, request: Request, body: bytes) -> list[tuple[str, bytes]]:
-        sent = False
-
-        async def replay() -> dict:
-            nonlocal sent
-            if sent:
-                return {"type": "http.disconnect"}
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        try:
-            form = await Request(request.scope, replay).form(
-                max_files=self.max_files, max_fields=100, max_part_size=self.max_body
-            )
-        except Exception as e:  # noqa: BLE001 - starlette raises HTTPException / MultiPartException
-            raise HTTPError(400, "bad_form", f"could not parse multipart form: {getattr(e, 'detail', e)}") from None
-        try:
-            files = [(v.filename or k, await v.read()) for k, v in form.multi_items() if isinstance(v, UploadFile)]
-        finally:
-            await form.close()
-        if not files:
-            raise HTTPError(400, "no_file", "the multipart form has no file field")
-        return files
 
 
 # ---------------------------------------------------------------------------------------------- builders

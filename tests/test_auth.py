@@ -5,7 +5,7 @@ import hashlib
 
 import pytest
 
-from deepfake.auth import ENV_VAR, AuthError, RateLimiter, load_keys, presented_key
+from deepfake.auth import ENV_VAR, AuthError, RateLimiter, load_keys
 from deepfake.serve import warn_if_open
 
 KEY_A = "alpha-0123456789abcdef"
@@ -46,13 +46,6 @@ def test_bad_key_files_are_clear_errors(tmp_path, text, match):
         load_keys(f, env={})
     with pytest.raises(AuthError, match="not found"):
         load_keys(tmp_path / "missing", env={})
-
-
-def test_presented_key_from_either_header():
-    assert presented_key({"Authorization": f"Bearer {KEY_A}"}) == KEY_A
-    assert presented_key({"authorization": f"bearer  {KEY_A} "}) == KEY_A
-    assert presented_key({"X-API-Key": KEY_B}) == KEY_B
-    assert presented_key({"Authorization": "Basic abc"}) is None and presented_key({}) is None
 
 
 def test_token_bucket_per_key():

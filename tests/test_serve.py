@@ -184,7 +184,7 @@ def test_missing_model_is_a_clear_error(tmp_path):
 
 
 def test_http_helpers():
-    from deepfake.serve import error_status, route_path, wants_json
+    from deepfake.ingress import error_status, route_path, wants_json
 
     assert wants_json("", None) is False and wants_json("image/png", None) is False
     assert wants_json("application/json", None) is True and wants_json("image/png", "json") is True
@@ -408,6 +408,20 @@ def test_model_card_page_and_health(app_url, trained_model_dir):
         assert "frame-ancestors 'none'" in r.headers["Content-Security-Policy"]
     assert 'id="file"' in page.text and "explain" in page.text
     assert httpx.get(f"{app_url}/healthz").json() == {"status": "ok", "model": card["version"]}
+    # FastAPI's schema and its page: every route, its models and error shape, the upload body, the key schemes
+    schema = httpx.get(f"{app_url}/openapi.json").json()
+    assert {"/predict", "/explain", "/healthz", "/model", "/models", "/stats"} <= set(schema["paths"])
+    predict = schema["paths"]["/predict"]["post"]
+    assert {"multipart/form-data", "image/*"} <= set(predict["requestBody"]["content"])
+    assert {"200", "401", "413", "415", "429", "503"} <= set(predict["responses"])
+    assert {"Verdict", "ErrorBody"} <= set(schema["components"]["schemas"])
+    assert {"HTTPBearer", "APIKeyHeader"} <= set(schema["components"]["securitySchemes"])
+    docs = httpx.get(f"{app_url}/docs")
+    assert (
+        docs.status_code == 200
+        and "/openapi.json" in docs.text
+        and "frame-ancestors 'none'" in docs.headers["Content-Security-Policy"]
+    )
 
 
 @pytest.mark.slow
@@ -540,7 +554,8 @@ def test_api_keys_and_rate_limits(app_url, sample_dir):
     assert (
         httpx.post(f"{url}/predict", content=body, headers={"X-API-Key": "wrong-0123456789abcdef"}).status_code == 401
     )
-    assert httpx.get(f"{url}/model", timeout=30).status_code == 401  # only the health probe and the page are open
+    assert httpx.get(f"{url}/model", timeout=30).status_code == 401  # the health probe, page and schema are open
+    assert httpx.get(f"{url}/openapi.json", timeout=30).status_code == 200
     assert (
         httpx.get(f"{url}/healthz", timeout=30).status_code == 200
         and httpx.get(f"{url}/", timeout=30).status_code == 200

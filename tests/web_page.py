@@ -261,7 +261,7 @@ def test_bad_file_shows_error(browser, web_url, tmp_path):
     browser("DOM.setFileInputFiles", files=[str(bad)], nodeId=node)
     assert wait_for(browser, "document.body.dataset.state === 'error' && document.body.dataset.state") == "error"
     status = browser.eval("document.getElementById('status').textContent")
-    assert "415" in status and "not_an_image" in status
+    assert "415" in status and "not_an_image" in status, status
     assert browser.eval("getComputedStyle(document.getElementById('result')).display") == "none"
 
 
