@@ -11,6 +11,7 @@ the Detector's batch-size histogram and replica count; with --kill-replica, one 
 Detector replica is killed (ray.kill) and the failed requests are counted. Then, in the same invocation and
 on the same model, the same client runs (and a single client) against bench/plain_server.py, the ~100-line
 uvicorn + Starlette + asyncio micro-batching server a user could write instead, and the ratios Serve/plain.
+With --one-hop, between the two: bench/one_hop_app.py, one Serve deployment that owns HTTP and the model.
 """
 
 from __future__ import annotations
@@ -232,6 +233,11 @@ def main() -> int:
         default=True,
         help="the same runs against bench/plain_server.py on the same model, for the ratios",
     )
+    ap.add_argument(
+        "--one-hop",
+        action="store_true",
+        help="also run bench/one_hop_app.py (HTTP and the batched model in one replica) on the same Ray and load",
+    )
     ap.add_argument("--out", help="write the JSON here too")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -337,6 +343,10 @@ def main() -> int:
         log.info("kill run: %s", json.dumps(res))
         report["replica_kill"] = res
 
+    if args.one_hop and spec is not None:
+        report["one_hop"] = one_hop_runs(
+            spec, app_name, model_dir, images, [int(c) for c in args.clients.split(",")], args
+        )
     if spec is not None:
         # Measured with the app gone: replicas the autoscaler starts after the load (and their model warm-up)
         # would otherwise share the cores with the in-process run (74 against 115 img/s, seen here).
@@ -374,6 +384,8 @@ def main() -> int:
             wait_s=float(batching.get("batch_wait_timeout_s") or 0.01),
         )
         report["serve_over_plain"] = ratios(report)
+        if "one_hop" in report:
+            report["one_hop_over_plain"] = ratios({**report["one_hop"], "plain": report["plain"]})
     report["loadavg_end"] = [round(x, 1) for x in os.getloadavg()]
     emit(report, args.out)
     return 0
@@ -405,6 +417,40 @@ def plain_runs(model_dir: str, images: list[bytes], clients: list[int], args, ma
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def one_hop_runs(spec: dict, app_name: str, model_dir: str, images: list[bytes], clients: list[int], args) -> dict:
+    """The same client runs against bench/one_hop_app.py (HTTP and the batched model in one replica, no handle
+    call) on the same Ray and HTTP path, after the shipped app is deleted so the two never share the cores."""
+    import cloudpickle
+    import one_hop_app
+    from ray import serve
+
+    cloudpickle.register_pickle_by_value(one_hop_app)  # replicas need not import bench/
+    serve.delete(app_name)
+    a = spec["args"]
+    bs = int(a.get("max_batch_size") or 32)
+    # scaled as the shipped Detector is: one CPU a replica, a second replica under load
+    deployment = one_hop_app.OneHop.options(
+        autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": bs, "upscale_delay_s": 3}
+    )
+    app = deployment.bind(str(model_dir), bs, float(a.get("batch_wait_timeout_s") or 0.01))
+    serve.run(app, name="onehop", route_prefix="/onehop", blocking=False)
+    http = spec["http_options"]
+    url = f"http://127.0.0.1:{http['port']}/onehop"
+    _wait_healthy(url)
+    out: dict = {"app": "bench/one_hop_app.py", "runs": []}
+    for n in clients:
+        if args.warmup:
+            asyncio.run(run_clients(url, images, n, args.warmup))
+        res = asyncio.run(run_clients(url, images, n, args.duration))
+        log.info("one hop: %s", json.dumps(res))
+        out["runs"].append(res)
+    if args.single_seconds:
+        out["single_client"] = asyncio.run(run_clients(url, images, 1, args.single_seconds))
+        log.info("one hop, one client: %s", json.dumps(out["single_client"]))
+    serve.delete("onehop")
+    return out
 
 
 def ratios(report: dict) -> dict:
