@@ -7,8 +7,8 @@ next to plain in-process batched PyTorch inference of the same model, for the ra
     .venv/bin/python bench/serve_load.py --http-path proxy        # through Serve's Python proxy actor
 
 Prints one JSON document (and writes it with --out): per run req/s, latency p50/p95/p99, errors by status,
-the Detector's batch-size histogram and replica count; with --kill-replica, one more run during which a
-Detector replica is killed (ray.kill) and the failed requests are counted. Then, in the same invocation and
+the model's batch-size histogram and the Ingress replica count; with --kill-replica, one more run during which
+an Ingress replica (HTTP and the model) is killed (ray.kill) and the failed requests are counted. Then, in the same invocation and
 on the same model, the same client runs (and a single client) against bench/plain_server.py, the ~100-line
 uvicorn + Starlette + asyncio micro-batching server a user could write instead, and the ratios Serve/plain.
 With --one-hop, between the two: bench/one_hop_app.py, one Serve deployment that owns HTTP and the model.
@@ -158,22 +158,22 @@ def inprocess_throughput(
     }
 
 
-def detector_replicas(app: str) -> list[str]:
-    """Names of the app's live Detector replica actors (Serve names them SERVE_REPLICA::<app>#Detector#<id>)."""
+def model_replicas(app: str) -> list[str]:
+    """Names of the app's live Ingress replica actors, which run the model (SERVE_REPLICA::<app>#Ingress#<id>)."""
     import ray
 
     named = ray.util.list_named_actors(all_namespaces=True)
-    return [a["name"] for a in named if a["namespace"] == "serve" and f"::{app}#Detector#" in a["name"]]
+    return [a["name"] for a in named if a["namespace"] == "serve" and f"::{app}#Ingress#" in a["name"]]
 
 
-def kill_one_detector(app: str) -> str | None:
+def kill_one_replica(app: str) -> str | None:
     import ray
 
-    reps = detector_replicas(app)
+    reps = model_replicas(app)
     if not reps:
         return None
     ray.kill(ray.get_actor(reps[0], namespace="serve"), no_restart=True)
-    log.warning("killed Detector replica %s", reps[0])
+    log.warning("killed Ingress replica %s", reps[0])
     return reps[0]
 
 
@@ -188,14 +188,16 @@ def main() -> int:
     ap.add_argument("--clients", default="64,256", help="comma-separated client counts, one run each")
     ap.add_argument("--duration", type=float, default=60)
     ap.add_argument("--warmup", type=float, default=5, help="seconds of load before measuring (autoscaling)")
-    ap.add_argument("--detector-cpus", type=float, help="logical CPUs per Detector replica (overrides config)")
-    ap.add_argument("--detector-threads", type=int, help="torch threads per Detector replica (overrides config)")
-    ap.add_argument("--max-replicas", type=int, help="Detector max_replicas (overrides config)")
-    ap.add_argument("--target-ongoing", type=int, help="Detector target_ongoing_requests (overrides config)")
-    ap.add_argument("--max-batch", type=int, help="Detector max_batch_size (overrides config)")
-    ap.add_argument("--max-queued", type=int, help="Detector max_queued_requests (overrides config)")
-    ap.add_argument("--max-ongoing", type=int, help="Detector max_ongoing_requests (overrides config)")
-    ap.add_argument("--batch-wait", type=float, help="Detector batch_wait_timeout_s (overrides config)")
+    ap.add_argument(
+        "--detector-cpus", type=float, help="logical CPUs per Ingress replica (it runs the model) (overrides config)"
+    )
+    ap.add_argument("--detector-threads", type=int, help="torch threads per Ingress replica (overrides config)")
+    ap.add_argument("--max-replicas", type=int, help="Ingress max_replicas (overrides config)")
+    ap.add_argument("--target-ongoing", type=int, help="Ingress target_ongoing_requests (overrides config)")
+    ap.add_argument("--max-batch", type=int, help="max_batch_size (overrides config)")
+    ap.add_argument("--max-queued", type=int, help="max_queued_images (overrides config)")
+    ap.add_argument("--max-ongoing", type=int, help="Ingress max_ongoing_requests (overrides config)")
+    ap.add_argument("--batch-wait", type=float, help="batch_wait_timeout_s (overrides config)")
     ap.add_argument(
         "--access-log", choices=("on", "off"), help="Serve's per-request access log (default: as the config says)"
     )
@@ -218,7 +220,9 @@ def main() -> int:
         metavar="KEY=VALUE",
         help="environment of Ray's processes, set before Ray starts (e.g. RAY_SERVE_THROUGHPUT_OPTIMIZED=1)",
     )
-    ap.add_argument("--kill-replica", action="store_true", help="one more run that kills a Detector replica")
+    ap.add_argument(
+        "--kill-replica", action="store_true", help="one more run that kills an Ingress replica (HTTP and the model)"
+    )
     ap.add_argument(
         "--honour-retry-after", action="store_true", help="clients wait out a 503's Retry-After before resending"
     )
@@ -260,17 +264,18 @@ def main() -> int:
     else:
         spec = dserve.load_serve_config(dserve.find_config(args.config), model=args.model)
         spec["http_options"].update(host="127.0.0.1", port=_free_port())
-        # command-line overrides of the config: application args, Detector options, its autoscaling
+        # command-line overrides of the config: application args, Ingress options, its autoscaling
         spec["args"].update(
             _given(
                 detector_num_cpus=args.detector_cpus,
                 detector_threads=args.detector_threads,
                 max_batch_size=args.max_batch,
                 batch_wait_timeout_s=args.batch_wait,
+                max_queued_images=args.max_queued,
             )
         )
-        det = spec["args"].setdefault("detector_options", {})
-        det.update(_given(max_ongoing_requests=args.max_ongoing, max_queued_requests=args.max_queued))
+        det = spec["args"].setdefault("ingress_options", {})
+        det.update(_given(max_ongoing_requests=args.max_ongoing))
         auto = _given(max_replicas=args.max_replicas, target_ongoing_requests=args.target_ongoing)
         if auto:
             det["autoscaling_config"] = {**det.get("autoscaling_config", {}), **auto}
@@ -318,7 +323,7 @@ def main() -> int:
             asyncio.run(run_clients(url, images, clients, args.warmup))
         res = asyncio.run(run_clients(url, images, clients, args.duration, honour_retry_after=args.honour_retry_after))
         res["detector"] = _stats(url)
-        res["detector_replicas"] = _replica_count(app_name)
+        res["model_replicas"] = _replica_count(app_name)
         log.info("%s", json.dumps(res))
         report["runs"].append(res)
 
@@ -333,13 +338,13 @@ def main() -> int:
         async def killer(start: float) -> None:
             await asyncio.sleep(args.kill_at)
             killed["at_s"] = round(time.perf_counter() - start, 1)
-            killed["replica"] = await asyncio.to_thread(kill_one_detector, app_name)
+            killed["replica"] = await asyncio.to_thread(kill_one_replica, app_name)
 
         res = asyncio.run(run_clients(url, images, clients, args.duration, on_tick=killer))
         res["killed"] = killed
         res["failed_requests"] = res["requests"] - res["ok"]
         res["ingress_retried"] = httpx.get(f"{url}/stats", timeout=30).json()["ingress"]["retried"]
-        res["detector_replicas_after"] = _replica_count(app_name)
+        res["model_replicas_after"] = _replica_count(app_name)
         log.info("kill run: %s", json.dumps(res))
         report["replica_kill"] = res
 
@@ -353,7 +358,7 @@ def main() -> int:
         # Ray too (its idle processes and HAProxy): the plain server must not share the cores with them
         dserve.stop_local([int(spec["http_options"]["port"])], embedded=True)
     # torch's default (all cores) and one thread (what a 1-CPU replica gets: Ray sets OMP_NUM_THREADS), eager
-    # and traced (what the Detector runs): the ratio is taken against the fastest of them
+    # and traced (what the Ingress runs): the ratio is taken against the fastest of them
     report["inprocess"] = [
         inprocess_throughput(model_dir, images, 16, args.inproc_seconds, t, jit)
         for t in sorted({os.cpu_count() or 1, 1})
@@ -430,7 +435,7 @@ def one_hop_runs(spec: dict, app_name: str, model_dir: str, images: list[bytes],
     serve.delete(app_name)
     a = spec["args"]
     bs = int(a.get("max_batch_size") or 32)
-    # scaled as the shipped Detector is: one CPU a replica, a second replica under load
+    # scaled as the shipped app's Ingress is: one CPU a replica, a second replica under load
     deployment = one_hop_app.OneHop.options(
         autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": bs, "upscale_delay_s": 3}
     )
@@ -517,11 +522,11 @@ def _stats(url: str) -> dict:
 
 
 def _replica_count(app: str) -> dict | None:
-    """Detector replicas by state (RUNNING, STARTING, ...) as Serve reports them."""
+    """Ingress replicas (each with the model) by state (RUNNING, STARTING, ...) as Serve reports them."""
     try:
         from ray import serve
 
-        states = serve.status().applications[app].deployments["Detector"].replica_states
+        states = serve.status().applications[app].deployments["Ingress"].replica_states
         return {str(getattr(k, "value", k)): v for k, v in states.items()}
     except Exception:  # noqa: BLE001 - only informative
         return None

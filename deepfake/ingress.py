@@ -3,7 +3,8 @@
 FastAPI does the routing, the 404/405s, the query parameters, the API-key schemes and the OpenAPI schema
 (`/docs`, `/openapi.json`); the handlers here do what is ours: read the body within its limit, refuse
 unsupported or oversized images before decoding them, decode each upload through `decode_image` (the CLI's
-decode, so the server's verdict equals the CLI's) and call the models' deployments through their handles.
+decode, so the server's verdict equals the CLI's), and answer /predict from the replica's own batched model
+(`deepfake.detector`: no handle call on the hot path) and /explain through the Explainer deployment's handle.
 Every failure becomes a JSON body `{"error": tag, "detail": text, ...}` with its status: no stack trace
 reaches a client and no bad upload can kill a replica.
 """
@@ -33,6 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deepfake import __version__
 from deepfake.auth import RateLimiter, load_keys
+from deepfake.detector import Detector, Overloaded
 from deepfake.images import MAX_PIXELS, BadImage, decode_image, original_size, pixel_count
 from deepfake.provenance import load_trust, read_provenance
 
@@ -105,6 +107,11 @@ class HTTPError(Exception):
         self.status = status
         self.headers = headers or {}
         self.body = {"error": error, "detail": detail, **extra}
+
+
+def overloaded(e: Exception) -> HTTPError:
+    """A full queue: a JSON 503 with Retry-After (the client may send again shortly)."""
+    return HTTPError(503, "overloaded", f"{e}; retry shortly", headers={"Retry-After": "1"})
 
 
 def public_meta(value: Any) -> Any:
@@ -349,11 +356,11 @@ class Ingress:
     """HTTP front door: body limits, decoding, model names, keys and error mapping; the models live behind
     handles."""
 
-    def __init__(self, detector: DeploymentHandle, explainer: DeploymentHandle | None, model_dir: str, settings: dict):
+    def __init__(self, explainer: DeploymentHandle | None, model_dir: str, settings: dict, detector: dict[str, Any]):
         from deepfake.checkpoint import is_ensemble, read_ensemble
         from deepfake.inference import scorer_info
 
-        self.detector = detector
+        self.detector = Detector(model_dir, models_dir=settings.get("models_dir"), **detector)
         self.explainer = explainer
         self.models_dir = Path(settings.get("models_dir") or Path(model_dir).parent)
         self.default_name = Path(model_dir).name
@@ -406,13 +413,10 @@ class Ingress:
     async def page(self) -> HTMLResponse:
         return HTMLResponse(self.page_html)
 
-    @api.get("/healthz", response_model=Health, responses={503: {"model": ErrorBody}})
+    @api.get("/healthz", response_model=Health)
     async def healthz(self) -> JSONResponse:
-        """Liveness of the app and its model deployment (no key needed: the load balancer's probe)."""
-        try:
-            await asyncio.wait_for(self._call(self.detector.stats), timeout=10)
-        except Exception as e:  # noqa: BLE001
-            return JSONResponse({"status": "unavailable", "detail": type(e).__name__}, status_code=503)
+        """Liveness (no key needed: the load balancer's probe). The replica answering holds its loaded model;
+        Serve's own health check (`check_health`) runs it now and then."""
         return JSONResponse({"status": "ok", "model": self.version})
 
     # ---- keyed routes
@@ -437,7 +441,7 @@ class Ingress:
     @api.get("/stats", responses=ERRORS, dependencies=[Depends(admit)])
     async def stats(self) -> JSONResponse:
         """Answers by status, forward-pass sizes and replica facts."""
-        det = await self._call(self.detector.stats)
+        det = self.detector.stats()
         exp = await self._call(self.explainer.stats) if self.explainer is not None else None
         return JSONResponse(
             {
@@ -455,11 +459,16 @@ class Ingress:
     ) -> JSONResponse:
         """A verdict per image, with how far it can be trusted and the file's provenance evidence."""
         t0 = time.perf_counter()
-        detector = self._handle(self.detector, self._model_name(request))
+        model_name = self._model_name(request)
+        self._admit_images(1)  # a full queue refuses before the body is read and decoded
         files = await self._read_images(request, filename)
+        self._admit_images(len(files))
 
         async def one(name: str, img: Image.Image, prov: dict[str, Any] | None) -> dict[str, Any]:
-            v = await self._call(detector.predict, img)
+            try:
+                v = await self.detector.predict(img, model_name)
+            except Overloaded as e:
+                raise overloaded(e) from None
             width, height = original_size(img)
             return {
                 "filename": name,
@@ -531,7 +540,17 @@ class Ingress:
             )
         return JSONResponse({"results": results})
 
+    def check_health(self) -> None:
+        """Serve restarts the replica if this raises: the model must still produce finite output."""
+        self.detector.check_health()
+
     # ---- plumbing
+    def _admit_images(self, n: int) -> None:
+        try:
+            self.detector.admit(n)
+        except Overloaded as e:
+            raise overloaded(e) from None
+
     def _model_name(self, request: Request) -> str:
         """The model a request names (?model= or Serve's multiplexing header), checked against the models
         directory ('' for the default); an unknown name is a 404 that lists the known ones."""
@@ -562,9 +581,7 @@ class Ingress:
             try:
                 return await method.remote(*args)
             except BackPressureError:
-                raise HTTPError(
-                    503, "overloaded", "the model queue is full; retry shortly", headers={"Retry-After": "1"}
-                ) from None
+                raise overloaded(RuntimeError("the explainer's queue is full")) from None
             except DeploymentUnavailableError as e:
                 raise HTTPError(503, "unavailable", str(e)[:200], headers={"Retry-After": "5"}) from None
             except (ActorDiedError, ActorUnavailableError) as e:

@@ -1,13 +1,12 @@
 """Ray Serve application: batched prediction, Grad-CAM explanations and a web page over HTTP.
 
-Three deployments composed through handles, so each scales on its own:
+Two deployments, each scaling on its own:
 
-- `Detector` holds a `Predictor` and answers one image per call; `@serve.batch` groups concurrent calls
-  into one forward pass (the only way a CPU/GPU model gets its throughput back under many clients).
-- `Explainer` holds its own model copy (Grad-CAM hooks it and needs a backward pass) and calls
-  `deepfake.explain.explain_images`.
 - `Ingress` (`deepfake.ingress`) is the FastAPI app behind `@serve.ingress`: it reads and decodes every
-  upload, checks keys and limits, and turns every failure into a JSON error with a status code.
+  upload, checks keys and limits, answers /predict from its own batched model (`deepfake.detector`: one hop,
+  no handle call) and turns every failure into a JSON error with a status code.
+- `Explainer` holds its own model copy (Grad-CAM hooks it and needs a backward pass) and calls
+  `deepfake.explain.explain_images`; the Ingress reaches it through a handle.
 
 `app_builder` is the import path for `serve run|deploy serve_config.yaml`; `build_app` is the same for
 Python callers (tests, `deepfake serve`).
@@ -22,16 +21,16 @@ import logging
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from deepfake.auth import load_keys
 from deepfake.config import REPO_ROOT, locate
+from deepfake.detector import MAX_MODELS_PER_REPLICA, dummy_images, replica_id
 from deepfake.images import MAX_PIXELS
 from deepfake.ingress import Ingress
 from deepfake.provenance import load_trust
@@ -39,11 +38,10 @@ from deepfake.provenance import load_trust
 log = logging.getLogger("ray.serve")
 
 
-MAX_MODELS_PER_REPLICA = 3  # named models a Detector/Explainer replica keeps loaded (least recently used go)
-
-
 class ServeArgs(BaseModel):
-    """Application arguments (the `args:` block of serve_config.yaml)."""
+    """Application arguments (the `args:` block of serve_config.yaml); an unknown one is an error."""
+
+    model_config = ConfigDict(extra="forbid")
 
     model: str | None = Field(None, description="model or ensemble folder (default: models/cifake-ensemble)")
     models_dir: str | None = Field(
@@ -55,11 +53,12 @@ class ServeArgs(BaseModel):
     operating_point: str | None = Field(
         None, description="threshold on calibrated P(ai), or a recorded point: fpr=0.01, fpr=0.05, eer (default 0.5)"
     )
-    num_gpus: float | None = Field(None, description="GPUs per Detector replica; None: 0.5 if the cluster has a GPU")
+    num_gpus: float | None = Field(
+        None, description="GPUs per Ingress replica (each runs the model); None: 0.4 if the cluster has a GPU"
+    )
     explainer_num_gpus: float | None = None
-    detector_num_cpus: float = 1.0
+    detector_num_cpus: float = Field(1.0, description="CPUs per Ingress replica (each runs the model)")
     explainer_num_cpus: float = 0.5
-    ingress_num_cpus: float = 0.1
     # Images per forward pass, and how long the first request of a pass waits for company. Under load the
     # passes fill anyway (ForwardMerger); the wait is what a lone request pays: 37 ms at 0.01 against 76 ms
     # at 0.05 here, for the same 64-client req/s within noise (bench/serve_load.py).
@@ -72,10 +71,15 @@ class ServeArgs(BaseModel):
         2 * MAX_PIXELS, ge=1, description="pixels of all the files of one request together, read from the headers"
     )
     max_files: int = Field(32, ge=1)
+    max_queued_images: int | None = Field(
+        None,
+        ge=1,
+        description="images a replica lets wait for its model; beyond, /predict answers 503 (None: 16 batches)",
+    )
     warmup: bool = True
-    jit: bool = Field(True, description="CPU Detectors run the model traced (see inference.jit_module)")
+    jit: bool = Field(True, description="CPU replicas run the model traced (see inference.jit_module)")
     detector_threads: int | None = Field(
-        None, ge=1, description="torch threads per Detector replica; None: its CPU share, as Ray sets it"
+        None, ge=1, description="torch threads per Ingress replica's model; None: its CPU share, as Ray sets it"
     )
     explain: bool = Field(True, description="False: no Explainer replicas; /explain answers 501")
     retries: int = Field(2, ge=0, description="re-sends of a call whose replica died mid-request")
@@ -87,7 +91,6 @@ class ServeArgs(BaseModel):
     rate_limit: float | None = Field(None, gt=0, description="requests/s per API key (per client without keys)")
     rate_burst: int | None = Field(None, ge=1, description="requests a key may send at once (default: rate_limit)")
     # Deployment option overrides (tests, scripts); serve_config.yaml uses its `deployments:` section instead.
-    detector_options: dict[str, Any] = {}
     explainer_options: dict[str, Any] = {}
     ingress_options: dict[str, Any] = {}
 
@@ -107,8 +110,8 @@ def resolve_model_dir(model: str | None) -> Path:
 
 
 def gpu_shares(args: ServeArgs, cluster_gpus: float) -> tuple[float, float]:
-    """GPUs per Detector and Explainer replica: explicit values win; otherwise fractional shares of a GPU
-    (two detectors and an explainer fit on one) when the cluster has any, else CPU only."""
+    """GPUs per Ingress (the model) and Explainer replica: explicit values win; otherwise fractional shares of
+    a GPU (two Ingress replicas and an Explainer fit on one) when the cluster has any, else CPU only."""
     auto = cluster_gpus >= 1
     det = args.num_gpus if args.num_gpus is not None else (0.4 if auto else 0.0)
     exp = args.explainer_num_gpus if args.explainer_num_gpus is not None else (0.2 if auto else 0.0)
@@ -134,183 +137,7 @@ def png_bytes(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def _replica_id() -> str:
-    try:
-        return serve.get_replica_context().replica_id.unique_id
-    except Exception:  # noqa: BLE001 - outside a replica (unit use)
-        return "local"
-
-
-def _dummy_images(size: int, n: int) -> list[Image.Image]:
-    return [Image.new("RGB", (size, size), (i * 40 % 256, 128, 200)) for i in range(n)]
-
-
-# ---------------------------------------------------------------------------------------------- metrics
-BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128]
-
-
-def batch_size_histogram():
-    from ray.serve import metrics
-
-    return metrics.Histogram("deepfake_batch_size", "images per forward pass", BATCH_BUCKETS)
-
-
 # ---------------------------------------------------------------------------------------------- deployments
-class ForwardMerger:
-    """Runs `fn` on lists of items one call at a time, merging everything submitted while a call runs
-    into the next call (whole submissions, up to `max_items`; at least one).
-
-    Why: `@serve.batch` forms a batch every `batch_wait_timeout_s` whether or not the model is free, and
-    queues those batches behind the running one: under 64 clients the forward passes got 3-10 images while
-    requests waited ~1 s in formed batches. Merged, each pass gets what arrived during the last one (24-32
-    images here), and a lone request still waits only the batch timeout."""
-
-    def __init__(self, fn: Callable[[list], list], max_items: int, on_pass: Callable[[int], None] | None = None):
-        self.fn = fn
-        self.max_items = max_items
-        self.on_pass = on_pass  # told each pass's size (the Detector's batch-size histogram)
-        self.pending: list[tuple[list, asyncio.Future]] = []
-        self.drainer: asyncio.Task | None = None
-        self.pass_sizes: Counter[int] = Counter()
-        self.busy_s = 0.0  # wall time inside fn: its share of a run says whether the model is the bottleneck
-
-    @property
-    def items(self) -> int:
-        return sum(n * k for n, k in self.pass_sizes.items())
-
-    async def submit(self, items: list) -> tuple[list, int]:
-        """`fn`'s results for `items`, and how many items the call that produced them had."""
-        done = asyncio.get_running_loop().create_future()
-        self.pending.append((items, done))
-        if self.drainer is None or self.drainer.done():
-            # its own task, so a cancelled request cannot stop the calls other requests wait on
-            self.drainer = asyncio.create_task(self._drain())
-        return await done
-
-    async def _drain(self) -> None:
-        while self.pending:
-            take, n = [], 0
-            while self.pending and (not take or n + len(self.pending[0][0]) <= self.max_items):
-                take.append(self.pending.pop(0))
-                n += len(take[-1][0])
-            await self._run(take, n)
-
-    async def _run(self, take: list[tuple[list, asyncio.Future]], n: int) -> None:
-        t0 = time.perf_counter()
-        try:
-            # off the event loop: requests keep arriving (and merging) meanwhile
-            out = await asyncio.to_thread(self.fn, [x for items, _ in take for x in items])
-        except Exception as e:  # noqa: BLE001 - the callers get the error; later calls still run
-            for _, done in take:
-                if not done.done():
-                    done.set_exception(e)
-            return
-        self.busy_s += time.perf_counter() - t0
-        self.pass_sizes[n] += 1
-        if self.on_pass is not None:
-            self.on_pass(n)
-        for items, done in take:
-            if not done.done():
-                done.set_result((out[: len(items)], n))
-            out = out[len(items) :]
-
-
-@serve.deployment(name="Detector", health_check_period_s=10, health_check_timeout_s=30)
-class Detector:
-    """One model per replica; concurrent `predict` calls are grouped into one forward pass: `@serve.batch`
-    collects them, `ForwardMerger` joins the batches that arrive while the model is busy."""
-
-    def __init__(
-        self,
-        model_dir: str,
-        device: str,
-        max_batch_size: int,
-        batch_wait_timeout_s: float,
-        warmup: bool,
-        jit: bool = True,
-        threads: int | None = None,
-        operating_point: str | None = None,
-        models_dir: str | None = None,
-    ):
-        from deepfake.inference import load_scorer
-
-        if threads:
-            import torch
-
-            torch.set_num_threads(threads)
-        # traced: its forward leaves the GIL to the event loop that receives the next requests
-        self.load_kw = {"device": device, "jit": jit, "operating_point": operating_point}
-        self.predictor = load_scorer(model_dir, **self.load_kw)
-        self.default_name = Path(model_dir).name
-        self.models_dir = Path(models_dir or Path(model_dir).parent)
-        self.max_batch_size = max_batch_size
-        self.predict.set_max_batch_size(max_batch_size)
-        self.predict.set_batch_wait_timeout_s(batch_wait_timeout_s)
-        self.batch_hist = batch_size_histogram()
-        self.merger = ForwardMerger(self.predictor.predict_images, max_batch_size, self.batch_hist.observe)
-        # Serve warns when max_batch_size x max_concurrent_batches exceeds max_ongoing_requests, since the
-        # batches would hold the replica; here they only wait in the merger, so the advice does not apply
-        log.addFilter(lambda record: "`max_concurrent_batches`" not in record.getMessage())
-        self.replica = _replica_id()
-        self.last_ok = 0.0
-        self.started = time.monotonic()
-        if warmup:  # first-call latency (allocator, kernels) is paid here, not by a client
-            self.predictor.predict_images(_dummy_images(self.predictor.image_size, min(max_batch_size, 4)))
-            self.last_ok = time.monotonic()
-        log.info("Detector %s ready: %s on %s", self.replica, self.predictor.version, self.predictor.device)
-
-    @serve.multiplexed(max_num_models_per_replica=MAX_MODELS_PER_REPLICA)
-    async def get_model(self, name: str) -> Any:
-        """A model folder of the models directory by name, loaded on first use with its own ForwardMerger;
-        Serve drops the least recently used beyond MAX_MODELS_PER_REPLICA (the Ingress checked the name)."""
-        from deepfake.inference import load_scorer
-
-        scorer = await asyncio.to_thread(load_scorer, str(self.models_dir / name), **self.load_kw)
-        scorer.merger = ForwardMerger(scorer.predict_images, self.max_batch_size, self.batch_hist.observe)
-        log.info("Detector %s loaded model %s: %s", self.replica, name, scorer.version)
-        return scorer
-
-    async def _merger(self) -> ForwardMerger:
-        name = serve.get_multiplexed_model_id()
-        return self.merger if not name or name == self.default_name else (await self.get_model(name)).merger
-
-    # sizes are set per replica in __init__ from ServeArgs; batches enter at once and merge in ForwardMerger;
-    # Serve splits a batch by multiplexed model id, so every batch is one model's
-    @serve.batch(max_concurrent_batches=64)
-    async def predict(self, images: list[Image.Image]) -> list[dict[str, Any]]:
-        verdicts, n = await (await self._merger()).submit(images)
-        self.last_ok = time.monotonic()
-        return [{**v, "batch_size": n, "replica": self.replica} for v in verdicts]
-
-    def stats(self) -> dict[str, Any]:
-        import torch
-
-        m = self.merger
-        return {
-            "replica": self.replica,
-            "model": self.predictor.version,
-            "device": str(self.predictor.device),
-            "torch_threads": torch.get_num_threads(),
-            "images": m.items,
-            "batches": sum(m.pass_sizes.values()),
-            "batch_sizes": {str(k): v for k, v in sorted(m.pass_sizes.items())},
-            "max_batch_size": max(m.pass_sizes, default=0),
-            "busy_s": round(m.busy_s, 2),
-            "uptime_s": round(time.monotonic() - self.started, 2),
-        }
-
-    def check_health(self) -> None:
-        """Serve restarts the replica if this raises: the model must still produce finite output."""
-        if time.monotonic() - self.last_ok < 30:
-            return
-        import numpy as np
-
-        answer = self.predictor.predict_images(_dummy_images(self.predictor.image_size, 1))[0]
-        if not np.isfinite([answer["prob_ai"], answer["prob_ai_raw"]]).all():
-            raise RuntimeError("model produced non-finite output")
-        self.last_ok = time.monotonic()
-
-
 @serve.deployment(name="Explainer", health_check_period_s=10, health_check_timeout_s=60)
 class Explainer:
     """Grad-CAM needs gradients and hooks the model, so it gets its own replicas and model copy."""
@@ -332,11 +159,11 @@ class Explainer:
         self.models_dir = Path(models_dir or Path(model_dir).parent)
         self.explain.set_max_batch_size(max_batch_size)
         self.batch_sizes: Counter[int] = Counter()
-        self.replica = _replica_id()
+        self.replica = replica_id()
         if warmup:
             from deepfake.explain import explain_images
 
-            explain_images(self.predictor, _dummy_images(self.predictor.image_size, 1))
+            explain_images(self.predictor, dummy_images(self.predictor.image_size, 1))
         log.info("Explainer %s ready: %s", self.replica, self.predictor.version)
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.02)
@@ -385,40 +212,22 @@ class Explainer:
 
 # ---------------------------------------------------------------------------------------------- builders
 def build_app(args: ServeArgs | dict[str, Any] | None = None) -> serve.Application:
-    """The application graph: Ingress -> (Detector, Explainer), with resources and queue limits."""
+    """The application graph: Ingress (HTTP and the batched model) -> Explainer, with resources and limits."""
     a = args if isinstance(args, ServeArgs) else ServeArgs.model_validate(args or {})
     model_dir = check_app_args(a.model_dump())
     models_dir = str(locate(a.models_dir, Path.is_dir).resolve()) if a.models_dir else str(Path(model_dir).parent)
     det_gpu, exp_gpu = gpu_shares(a, cluster_gpu_count())
     bs = a.max_batch_size
-    detector = Detector.options(
-        **{
-            "ray_actor_options": {"num_cpus": a.detector_num_cpus, "num_gpus": det_gpu},
-            # >= batch size, or the admission limit caps batches; well above it, so waiting happens in the
-            # replica's batch queue and not in the routers, whose probing of full replicas costs CPU
-            "max_ongoing_requests": 8 * bs,
-            "max_queued_requests": 16 * bs,  # beyond this the Ingress answers 503 instead of queueing unboundedly
-            "max_surge_percent": 100,
-            "autoscaling_config": {
-                "min_replicas": 1,
-                "max_replicas": 2,
-                "target_ongoing_requests": bs,
-                "upscale_delay_s": 3,
-                "downscale_delay_s": 60,
-            },
-            **a.detector_options,
-        }
-    ).bind(
-        model_dir,
-        a.device,
-        bs,
-        a.batch_wait_timeout_s,
-        a.warmup,
-        a.jit,
-        a.detector_threads,
-        a.operating_point,
-        models_dir,
-    )
+    detector = {
+        "device": a.device,
+        "max_batch_size": bs,
+        "batch_wait_timeout_s": a.batch_wait_timeout_s,
+        "warmup": a.warmup,
+        "jit": a.jit,
+        "threads": a.detector_threads,
+        "operating_point": a.operating_point,
+        "max_queued_images": a.max_queued_images or 16 * bs,
+    }
     explainer = (
         None
         if not a.explain
@@ -458,21 +267,28 @@ def build_app(args: ServeArgs | dict[str, Any] | None = None) -> serve.Applicati
     if a.api_keys_file:
         settings["api_keys_file"] = str(locate(a.api_keys_file))
     # A changed model path restarts every deployment. Serve's default rollout stops the old replica before
-    # its replacement has loaded the model (20 s on a busy 2-CPU machine), and the old Ingress, drained with
-    # requests still waiting on the gone Detector, was killed after 20 s: a 500. With surge, old replicas
-    # serve until their replacements are up (a rollout needs room for one more replica of each; without it,
-    # it waits and the old model keeps serving); the longer drain covers requests already in flight.
+    # its replacement has loaded the model (20 s on a busy 2-CPU machine). With surge, old replicas serve
+    # until their replacements are up (a rollout needs room for one more replica of each; without it, it
+    # waits and the old model keeps serving); the longer drain covers requests already in flight.
     return Ingress.options(
         **{
-            "ray_actor_options": {"num_cpus": a.ingress_num_cpus},
-            "max_ongoing_requests": 256,
+            "ray_actor_options": {"num_cpus": a.detector_num_cpus, "num_gpus": det_gpu},
+            # well above the batch size, so requests wait in the replica's batch queue (bounded by
+            # max_queued_images: a JSON 503 beyond it), not in front of the replica
+            "max_ongoing_requests": max(256, 8 * bs),
             "max_queued_requests": 1024,
             "max_surge_percent": 100,
             "graceful_shutdown_timeout_s": 60,
-            "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 128},
+            "autoscaling_config": {
+                "min_replicas": 1,
+                "max_replicas": 2,
+                "target_ongoing_requests": bs,
+                "upscale_delay_s": 3,
+                "downscale_delay_s": 60,
+            },
             **a.ingress_options,
         }
-    ).bind(detector, explainer, model_dir, settings)
+    ).bind(explainer, model_dir, settings, detector)
 
 
 def check_app_args(args: dict[str, Any]) -> str:
@@ -590,7 +406,7 @@ def load_serve_config(
     except (OSError, yaml.YAMLError, KeyError, IndexError, TypeError, AttributeError, ConfigError) as e:
         raise ConfigError(f"{path}: not a Serve config with an applications list ({e})") from None
     args = dict(app.get("args") or {})
-    key = {"Detector": "detector_options", "Explainer": "explainer_options", "Ingress": "ingress_options"}
+    key = {"Explainer": "explainer_options", "Ingress": "ingress_options"}
     for dep in app.get("deployments") or []:
         dep = dict(dep)
         name = dep.pop("name", None)

@@ -96,11 +96,11 @@ def test_serve_config_overrides():
     with pytest.raises(ConfigError):
         serve_config_overrides({"applications": []})
     # explain=false builds no Explainer: its options go too (Serve refuses options for a missing deployment)
-    deps = [{"name": "Ingress"}, {"name": "Detector"}, {"name": "Explainer", "max_ongoing_requests": 8}]
+    deps = [{"name": "Ingress"}, {"name": "Explainer", "max_ongoing_requests": 8}]
     cfg["applications"][0]["deployments"] = deps
     lean = serve_config_overrides(cfg, extra_args={"explain": False})["applications"][0]
-    assert [d["name"] for d in lean["deployments"]] == ["Ingress", "Detector"] and len(deps) == 3
-    assert len(serve_config_overrides(cfg)["applications"][0]["deployments"]) == 3
+    assert [d["name"] for d in lean["deployments"]] == ["Ingress"] and len(deps) == 2
+    assert len(serve_config_overrides(cfg)["applications"][0]["deployments"]) == 2
 
 
 # ---------------------------------------------------------------------------------------------- a real head
@@ -328,7 +328,7 @@ def test_serve_deploy_jobs_then_a_rolling_model_swap_over_http(
     port = _free_ports(1)[0]
     url = f"http://127.0.0.1:{port}"
     # no Explainer: nothing here explains, and its replicas (twice: the swap) would only cost start-up time
-    small = ["device=cpu", "detector_num_cpus=0.5", "ingress_num_cpus=0.1", "explain=false"]
+    small = ["device=cpu", "detector_num_cpus=0.5", "explain=false"]
     model_a = _model_copy(trained_model_dir, tmp_path / "model_a", "2024-01-01T00:00:00+00:00")
     model_b = _model_copy(trained_model_dir, tmp_path / "model_b", "2025-02-02T00:00:00+00:00")
 

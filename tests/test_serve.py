@@ -64,9 +64,7 @@ def serve_args(model_dir: Path, **kw) -> dict:
         "device": "cpu",
         "detector_num_cpus": 0.4,
         "explainer_num_cpus": 0.2,
-        "ingress_num_cpus": 0.05,
         "max_body_bytes": MAX_BODY,
-        "detector_options": dict(one),
         "explainer_options": dict(one),
         "ingress_options": dict(one),
         **kw,
@@ -74,17 +72,16 @@ def serve_args(model_dir: Path, **kw) -> dict:
 
 
 def tiny_args(model_dir: Path) -> dict:
-    """The `tiny` app: one model slot and one queue slot (overload gives 503), no explainer; the rolling swap
-    redeploys it with another model."""
-    one = {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 1}
+    """The `tiny` app: one image at a time and one queue slot (overload gives 503), no explainer; the rolling
+    swap redeploys it with another model."""
     return serve_args(
         model_dir,
         max_batch_size=1,
+        max_queued_images=1,
         warmup=False,
         explain=False,
         detector_num_cpus=0.2,
         explainer_num_cpus=0.1,
-        detector_options={"max_ongoing_requests": 1, "max_queued_requests": 1, "autoscaling_config": one},
         # the old replicas have nothing long to drain here
         ingress_options={**serve_args(model_dir)["ingress_options"], "graceful_shutdown_timeout_s": 5},
     )
@@ -155,9 +152,9 @@ def test_config_file_folds_deployments_into_args(tmp_path):
     spec = load_serve_config(REPO / "serve_config.yaml", model=str(tmp_path), port=1234)
     args = ServeArgs.model_validate(spec["args"])
     assert args.model == str(tmp_path) and spec["http_options"]["port"] == 1234
-    assert args.detector_options["max_ongoing_requests"] >= args.max_batch_size
-    assert args.detector_options["autoscaling_config"]["max_replicas"] >= 2
-    assert "max_queued_requests" in args.detector_options and "max_queued_requests" in args.ingress_options
+    assert args.ingress_options["max_ongoing_requests"] >= args.max_batch_size
+    assert args.ingress_options["autoscaling_config"]["max_replicas"] >= 2
+    assert "max_queued_requests" in args.ingress_options and args.max_queued_images >= args.max_batch_size
     assert (spec["name"], spec["route_prefix"]) == ("deepfake", "/")
     assert gpu_shares(args, 0) == (0.0, 0.0)
     det, exp = gpu_shares(args, 1)
@@ -170,6 +167,9 @@ def test_config_file_folds_deployments_into_args(tmp_path):
         load_serve_config(bad)
     bad.write_text("applications:\n  - import_path: x\n    args: {max_batch_size: 0}\n")
     with pytest.raises(ConfigError, match="max_batch_size"):
+        load_serve_config(bad)
+    bad.write_text("applications:\n  - import_path: x\n    args: {ingress_num_cpus: 0.1}\n")  # a setting of old
+    with pytest.raises(ConfigError, match="ingress_num_cpus"):
         load_serve_config(bad)
 
 
@@ -204,7 +204,7 @@ def test_forward_merger_joins_what_arrives_while_the_model_runs():
     """Submissions made during a call go into the next call together (up to max_items, whole submissions);
     every caller gets its own results; a failing call fails only its callers; a cancelled caller does not
     stall the others."""
-    from deepfake.serve import ForwardMerger
+    from deepfake.detector import ForwardMerger
 
     calls: list[list[int]] = []
 
