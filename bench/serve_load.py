@@ -408,17 +408,8 @@ def plain_runs(model_dir: str, images: list[bytes], clients: list[int], args, ma
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_healthy(url, timeout=120)
-        out: dict = {"server": "bench/plain_server.py", "max_batch": max_batch, "wait_s": wait_s, "runs": []}
-        for n in clients:
-            if args.warmup:
-                asyncio.run(run_clients(url, images, n, args.warmup))
-            res = asyncio.run(run_clients(url, images, n, args.duration))
-            log.info("plain server: %s", json.dumps(res))
-            out["runs"].append(res)
-        if args.single_seconds:
-            out["single_client"] = asyncio.run(run_clients(url, images, 1, args.single_seconds))
-            log.info("plain server, one client: %s", json.dumps(out["single_client"]))
-        return out
+        out = {"server": "bench/plain_server.py", "max_batch": max_batch, "wait_s": wait_s}
+        return {**out, **client_runs("plain server", url, images, clients, args)}
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -444,17 +435,23 @@ def one_hop_runs(spec: dict, app_name: str, model_dir: str, images: list[bytes],
     http = spec["http_options"]
     url = f"http://127.0.0.1:{http['port']}/onehop"
     _wait_healthy(url)
-    out: dict = {"app": "bench/one_hop_app.py", "runs": []}
+    out = {"app": "bench/one_hop_app.py", **client_runs("one hop", url, images, clients, args)}
+    serve.delete("onehop")
+    return out
+
+
+def client_runs(what: str, url: str, images: list[bytes], clients: list[int], args) -> dict:
+    """One run per client count (after its warm-up), then a lone client's, against a server other than the app."""
+    out: dict = {"runs": []}
     for n in clients:
         if args.warmup:
             asyncio.run(run_clients(url, images, n, args.warmup))
         res = asyncio.run(run_clients(url, images, n, args.duration))
-        log.info("one hop: %s", json.dumps(res))
+        log.info("%s: %s", what, json.dumps(res))
         out["runs"].append(res)
     if args.single_seconds:
         out["single_client"] = asyncio.run(run_clients(url, images, 1, args.single_seconds))
-        log.info("one hop, one client: %s", json.dumps(out["single_client"]))
-    serve.delete("onehop")
+        log.info("%s, one client: %s", what, json.dumps(out["single_client"]))
     return out
 
 
