@@ -57,7 +57,10 @@ class ServeArgs(BaseModel):
         None, description="GPUs per Ingress replica (each runs the model); None: 0.4 if the cluster has a GPU"
     )
     explainer_num_gpus: float | None = None
-    detector_num_cpus: float = Field(1.0, description="CPUs per Ingress replica (each runs the model)")
+    # 0.75, not 1: two Ingress replicas and the Explainer's 0.5 then fit on 2 cores. With 1.0 the second
+    # replica never started there (64 clients: 99 against 128 req/s, bench/serve_load.py); Ray gives a
+    # fractional share one torch thread, as it gives 1.0.
+    detector_num_cpus: float = Field(0.75, description="CPUs per Ingress replica (each runs the model)")
     explainer_num_cpus: float = 0.5
     # Images per forward pass, and how long the first request of a pass waits for company. Under load the
     # passes fill anyway (ForwardMerger); the wait is what a lone request pays: 37 ms at 0.01 against 76 ms
