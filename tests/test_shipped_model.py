@@ -66,9 +66,10 @@ def test_card_matches_metadata_and_states_what_the_issue_asks():
         assert text in card, text
 
 
-def test_shipped_model_was_trained_with_its_recorded_recipe():
-    """The recipe that `deepfake jobs submit reproduce` runs is the one in the card: every setting that shapes
-    the model, stage by stage (the last stage is the shipped folder, each parent the stage before)."""
+@pytest.mark.parametrize("recipe_name, folder", [("gpu", MODEL), ("lite0", LITE)], ids=["cifake-b0", "cifake-lite0"])
+def test_shipped_model_was_trained_with_its_recorded_recipe(recipe_name, folder):
+    """The recipe that `deepfake jobs submit reproduce --recipe NAME` runs is the one in the card: every setting
+    that shapes the model, stage by stage (the last stage is the shipped folder, each parent the stage before)."""
     from deepfake import stages
 
     shapes = {
@@ -76,8 +77,8 @@ def test_shipped_model_was_trained_with_its_recorded_recipe():
         "model": ("arch", "finetune", "stem_stride", "drop_rate"),
         "train": ("epochs", "batch_size", "optimizer", "lr", "weight_decay", "scheduler", "warmup_epochs"),
     }
-    node = ck.read_metadata(MODEL)
-    for name in reversed(stages.RECIPES[stages.SHIPPED_RECIPE]):
+    node = ck.read_metadata(folder)
+    for name in reversed(stages.RECIPES[recipe_name]):
         assert node is not None, f"the card has no stage for {name}"
         recipe = load_recipe(name)
         for section, keys in shapes.items():
