@@ -69,6 +69,15 @@ DOCS_CSP = (
     "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'"
 )
 
+
+def _raw_headers(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
+    return [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+
+
+# encoded once, for the ASGI middleware that adds them to every answer
+RAW_SECURITY_HEADERS = _raw_headers(SECURITY_HEADERS)
+RAW_DOCS_HEADERS = _raw_headers({**SECURITY_HEADERS, "Content-Security-Policy": DOCS_CSP})
+
 # Keys of the model metadata that hold paths of the machine that trained or serves the model: /model leaves
 # them out, so the endpoint does not map the server's (or the trainer's) file system for its callers.
 PRIVATE_KEYS = {
@@ -303,8 +312,7 @@ class Observe:
             return await self.app(scope, receive, send)
         t0, status, started = time.perf_counter(), 500, False
         route = route_path(scope)
-        headers = SECURITY_HEADERS if route != "/docs" else {**SECURITY_HEADERS, "Content-Security-Policy": DOCS_CSP}
-        raw_headers = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+        raw_headers = RAW_DOCS_HEADERS if route == "/docs" else RAW_SECURITY_HEADERS
 
         async def send_observed(message) -> None:
             nonlocal status, started
@@ -353,8 +361,8 @@ class AppMetrics:
 @serve.deployment(name="Ingress")
 @serve.ingress(api)
 class Ingress:
-    """HTTP front door: body limits, decoding, model names, keys and error mapping; the models live behind
-    handles."""
+    """HTTP front door: body limits, decoding, model names, keys and error mapping; /predict runs on the
+    replica's own `Detector`, /explain goes to the Explainer deployment through its handle."""
 
     def __init__(self, explainer: DeploymentHandle | None, model_dir: str, settings: dict, detector: dict[str, Any]):
         from deepfake.checkpoint import is_ensemble, read_ensemble
@@ -362,8 +370,7 @@ class Ingress:
 
         self.detector = Detector(model_dir, models_dir=settings.get("models_dir"), **detector)
         self.explainer = explainer
-        self.models_dir = Path(settings.get("models_dir") or Path(model_dir).parent)
-        self.default_name = Path(model_dir).name
+        self.models_dir, self.default_name = self.detector.models_dir, self.detector.default_name
         self.models = servable_models(self.models_dir)
         info = scorer_info(model_dir)
         self.meta = read_ensemble(model_dir) if is_ensemble(model_dir) else info["metas"][0]
