@@ -244,7 +244,9 @@ def test_killed_search_resumes_without_rerunning_finished_trials(ray_local, smal
     cfg.save(cfg_path)
     out = tmp_path / "search"
     exp = out / "ray" / "search"
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    # Tune saves its experiment state at most every 10 s by default; the kill must land after a trial is recorded
+    # finished and before the last one ends (about 8 s later: its actor has to start), so save at every step
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "TUNE_GLOBAL_CHECKPOINT_S": "0"}
     cmd = [sys.executable, "-m", "deepfake.cli", "tune", "--config", str(cfg_path), "-o", str(out)]
     # the search's own driver process on the session's Ray (a Ray of its own would cost its start-up); killing
     # the driver kills its trials, which Ray owns through it
@@ -255,7 +257,7 @@ def test_killed_search_resumes_without_rerunning_finished_trials(ray_local, smal
     try:
         deadline = time.time() + 240
         while not _terminated(exp) and time.time() < deadline and proc.poll() is None:
-            time.sleep(1)
+            time.sleep(0.2)
         finished = _terminated(exp)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the search's driver dies at once, and with it its trials
