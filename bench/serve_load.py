@@ -5,6 +5,8 @@ next to plain in-process batched PyTorch inference of the same model, for the ra
     .venv/bin/python bench/serve_load.py --url http://127.0.0.1:8000 --clients 64     # an app already running
     .venv/bin/python bench/serve_load.py --model DIR --quick
     .venv/bin/python bench/serve_load.py --http-path proxy        # through Serve's Python proxy actor
+    .venv/bin/python bench/serve_load.py --model models/cifake-b0 --images photos --clients 32 --kill-replica \
+        --min-replicas 2 --no-plain                                # a replica killed while it holds photos
 
 Prints one JSON document (and writes it with --out): per run req/s, latency p50/p95/p99, errors by status,
 the model's batch-size histogram and the Ingress replica count; with --kill-replica, one more run during which
@@ -38,13 +40,62 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 log = logging.getLogger("serve_load")
 
 
+def photos() -> list[bytes]:
+    """Real photographs as a user would upload them (scikit-image's samples, JPEG q90 and q95: 35-400 KB),
+    for runs where the upload's size matters (HAProxy replays only what fits its buffer)."""
+    import io
+
+    from PIL import Image
+    from skimage import data
+
+    out = []
+    for name in ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field"):
+        image = Image.fromarray(getattr(data, name)()).convert("RGB")
+        for quality in (90, 95):
+            buf = io.BytesIO()
+            image.save(buf, format="JPEG", quality=quality)
+            out.append(buf.getvalue())
+    return out
+
+
 def load_images(folder: Path, limit: int) -> list[bytes]:
     from deepfake.images import IMAGE_SUFFIXES
 
+    if str(folder) == "photos":
+        return photos()[:limit]
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[:limit]
     if not files:
         raise SystemExit(f"no images under {folder}")
     return [p.read_bytes() for p in files]
+
+
+class HAProxyPeakRSS:
+    """Peak resident memory (MB) of the machine's HAProxy processes while the block runs, sampled every 0.2 s:
+    what its buffers (RAY_SERVE_HAPROXY_TUNE_BUFSIZE, held per request in flight) cost under load."""
+
+    def __enter__(self) -> HAProxyPeakRSS:
+        import threading
+
+        self.peak_mb, self._stop = 0.0, threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        page = os.sysconf("SC_PAGE_SIZE")
+        while not self._stop.wait(0.2):
+            total = 0
+            for comm in Path("/proc").glob("[0-9]*/comm"):
+                try:
+                    if comm.read_text().strip() == "haproxy":
+                        total += int((comm.parent / "statm").read_text().split()[1]) * page
+                except (OSError, ValueError, IndexError):
+                    continue
+            self.peak_mb = max(self.peak_mb, round(total / 2**20, 1))
 
 
 def cpu_busy_seconds() -> float:
@@ -183,7 +234,11 @@ def main() -> int:
     ap.add_argument("--config", help="Serve config (default: serve_config.yaml)")
     ap.add_argument("--model", help="model folder (overrides the config)")
     ap.add_argument("--address", help="Ray address for --url + --kill-replica (the cluster serving --url)")
-    ap.add_argument("--images", default=str(REPO / "deepfake" / "sample"), help="folder of images to send")
+    ap.add_argument(
+        "--images",
+        default=str(REPO / "deepfake" / "sample"),
+        help="folder of images to send, or `photos` (12 real photos of 35-400 KB, from scikit-image)",
+    )
     ap.add_argument("--max-images", type=int, default=400)
     ap.add_argument("--clients", default="64,256", help="comma-separated client counts, one run each")
     ap.add_argument("--duration", type=float, default=60)
@@ -193,6 +248,9 @@ def main() -> int:
     )
     ap.add_argument("--detector-threads", type=int, help="torch threads per Ingress replica (overrides config)")
     ap.add_argument("--max-replicas", type=int, help="Ingress max_replicas (overrides config)")
+    ap.add_argument(
+        "--min-replicas", type=int, help="Ingress min_replicas (overrides config; 2 for a kill run with a survivor)"
+    )
     ap.add_argument("--target-ongoing", type=int, help="Ingress target_ongoing_requests (overrides config)")
     ap.add_argument("--max-batch", type=int, help="max_batch_size (overrides config)")
     ap.add_argument("--max-queued", type=int, help="max_queued_images (overrides config)")
@@ -276,7 +334,9 @@ def main() -> int:
         )
         det = spec["args"].setdefault("ingress_options", {})
         det.update(_given(max_ongoing_requests=args.max_ongoing))
-        auto = _given(max_replicas=args.max_replicas, target_ongoing_requests=args.target_ongoing)
+        auto = _given(
+            min_replicas=args.min_replicas, max_replicas=args.max_replicas, target_ongoing_requests=args.target_ongoing
+        )
         if auto:
             det["autoscaling_config"] = {**det.get("autoscaling_config", {}), **auto}
         if args.access_log:
@@ -321,7 +381,11 @@ def main() -> int:
     for clients in [int(c) for c in args.clients.split(",")]:
         if args.warmup:
             asyncio.run(run_clients(url, images, clients, args.warmup))
-        res = asyncio.run(run_clients(url, images, clients, args.duration, honour_retry_after=args.honour_retry_after))
+        with HAProxyPeakRSS() as rss:
+            res = asyncio.run(
+                run_clients(url, images, clients, args.duration, honour_retry_after=args.honour_retry_after)
+            )
+        res["haproxy_peak_rss_mb"] = rss.peak_mb
         res["detector"] = _stats(url)
         res["model_replicas"] = _replica_count(app_name)
         log.info("%s", json.dumps(res))
@@ -338,9 +402,12 @@ def main() -> int:
         async def killer(start: float) -> None:
             await asyncio.sleep(args.kill_at)
             killed["at_s"] = round(time.perf_counter() - start, 1)
+            killed["replicas_before"] = await asyncio.to_thread(_replica_count, app_name)
             killed["replica"] = await asyncio.to_thread(kill_one_replica, app_name)
 
-        res = asyncio.run(run_clients(url, images, clients, args.duration, on_tick=killer))
+        with HAProxyPeakRSS() as rss:
+            res = asyncio.run(run_clients(url, images, clients, args.duration, on_tick=killer))
+        res["haproxy_peak_rss_mb"] = rss.peak_mb
         res["killed"] = killed
         res["failed_requests"] = res["requests"] - res["ok"]
         res["ingress_retried"] = httpx.get(f"{url}/stats", timeout=30).json()["ingress"]["retried"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import re
+import shlex
 import tomllib
 from pathlib import Path
 
@@ -87,4 +88,4 @@ def test_every_node_starts_ray_with_serves_fast_http_path(raw):
         exported = start.split("; ray start")[0]
         for name, value in FAST_HTTP_ENV.items():
             if name != "RAY_SERVE_HAPROXY_NBTHREAD":  # a GPU node has the cores for HAProxy's default
-                assert f"{name}={value}" in exported, (key, name)
+                assert f"{name}={shlex.quote(value)}" in exported, (key, name)

@@ -46,6 +46,9 @@ def test_deepfake_serve_takes_the_fast_http_path(trained_model_dir, sample_dir, 
         ours = [text for _, text in _haproxy_configs() if f":{port}" in text]
         assert ours, _haproxy_configs()
         assert "timeout client 30s" in ours[0] and "timeout server 300s" in ours[0]  # not Ray's 1-hour default
+        # a request a dying replica held is replayed once elsewhere, a photo included (it fits the buffer)
+        assert "retry-on conn-failure empty-response" in ours[0] and "retries 1" in ours[0]
+        assert "tune.bufsize 524288" in ours[0]
         # killed as the OOM killer would: Ray's HAProxy, in a session of its own, outlives it and keeps the port
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
