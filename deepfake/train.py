@@ -42,7 +42,10 @@ class TrainSession:
     def prepare_loader(self, loader):
         import ray.train.torch
 
-        return ray.train.torch.prepare_data_loader(loader)
+        # move_to_device=False: the loop moves each batch itself. Ray's device wrapper would fetch batch k+1
+        # before step k runs, so the augmentations and the model's dropout would draw from the global RNG in
+        # another order than --backend torch does, and the same config would train differently on the two
+        return ray.train.torch.prepare_data_loader(loader, move_to_device=False)
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         import ray.train.torch

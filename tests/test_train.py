@@ -82,8 +82,17 @@ def test_worker_crash_restarts_from_last_checkpoint(ray_local, small_sample, tmp
     out = fit(cfg, export=False, callbacks=[FailOnce(2, tmp_path / "runs" / "crash")])
     assert (tmp_path / "runs" / "crash" / ".failed_once_epoch2").exists()  # the failure did happen
     assert [h["epoch"] for h in out["history"]] == [1, 2, 3]
-    # epochs are seeded, so the restarted run trains exactly as an uninterrupted one
-    clean = fit(_cfg(small_sample, tmp_path, name="clean", epochs=3, workers=1), export=False)
+    # epochs are seeded, so the restarted run trains exactly as an uninterrupted one, and Ray Train with one
+    # worker exactly as the same loop in this process (--backend torch: no Ray start-up for the reference), on
+    # as many torch threads as the Ray worker had (float sums depend on the count)
+    from deepfake.train import scaling
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(int(scaling(cfg)[1]))
+    try:
+        clean = fit(_cfg(small_sample, tmp_path, name="clean", epochs=3, workers=1, backend="torch"), export=False)
+    finally:
+        torch.set_num_threads(threads)
     for a, b in zip(out["history"], clean["history"]):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
         assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)
