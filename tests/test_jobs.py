@@ -137,7 +137,7 @@ def ray_head():
     way cluster.yaml starts one: with Serve's fast HTTP path (HAProxy), on side ports of its own."""
     from ray.job_submission import JobSubmissionClient
 
-    from deepfake.serve import FAST_HTTP_ENV
+    from deepfake.serve import FAST_HTTP_ENV, loopback_haproxy
 
     gcs, dash, client_port, nm, om, agent, agent_grpc, renv, metrics, stats, hmetrics = _free_ports(11)
     temp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's unix socket paths have a length limit
@@ -145,6 +145,7 @@ def ray_head():
     env = {
         **os.environ,
         **FAST_HTTP_ENV,
+        "RAY_SERVE_HAPROXY_BINARY_PATH": str(loopback_haproxy()),  # as cluster.yaml starts a node
         "RAY_SERVE_HAPROXY_STATS_PORT": str(stats),
         "RAY_SERVE_HAPROXY_METRICS_PORT": str(hmetrics),
         "RAY_AUTH_MODE": "disabled",

@@ -49,6 +49,11 @@ def test_deepfake_serve_takes_the_fast_http_path(trained_model_dir, sample_dir, 
         # a request a dying replica held is replayed once elsewhere, a photo included (it fits the buffer)
         assert "retry-on conn-failure empty-response" in ours[0] and "retries 1" in ours[0]
         assert "tune.bufsize 524288" in ours[0]
+        # HAProxy's stats and Prometheus listeners on loopback only (Ray's template binds every interface);
+        # the HTTP port where the config's host says (127.0.0.1 here)
+        side = [int(env["RAY_SERVE_HAPROXY_STATS_PORT"]), int(env["RAY_SERVE_HAPROXY_METRICS_PORT"])]
+        listening = {p: _listen_addresses(p) for p in [*side, port]}
+        assert all(addrs == {"127.0.0.1"} for addrs in listening.values()), listening
         # killed as the OOM killer would: Ray's HAProxy, in a session of its own, outlives it and keeps the port
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
@@ -82,6 +87,24 @@ def _wait_for_line(path: Path, text: str, count: int, timeout: float) -> None:
     while path.read_text(errors="replace").count(text) < count:
         assert time.monotonic() < deadline, f"{text!r} not logged {count} times in {timeout} s"
         time.sleep(0.5)
+
+
+def _listen_addresses(port: int) -> set[str]:
+    """Local addresses with a TCP socket listening on `port` (/proc/net/tcp and tcp6; 0.0.0.0 and :: included)."""
+    import ipaddress
+
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            addr, hexport = local.split(":")
+            if state != "0A" or int(hexport, 16) != port:  # 0A: LISTEN
+                continue
+            raw = bytes.fromhex(addr)
+            # the kernel prints each 32-bit word in host (little-endian) order
+            raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+            found.add(str(ipaddress.ip_address(raw)))
+    return found
 
 
 def _haproxy_configs() -> list[tuple[int, str]]:
@@ -123,7 +146,9 @@ def test_http_path_falls_back_to_the_proxy_when_haproxys_ports_are_taken(monkeyp
         assert http_path_env("auto") == {}  # HAProxy could not start: the proxy actor serves instead
         with pytest.raises(ConfigError, match="in use"):
             http_path_env("haproxy")
-    assert http_path_env("auto") == FAST_HTTP_ENV and http_path_env("proxy") == {}
+    fast = http_path_env("auto")
+    assert {k: v for k, v in fast.items() if k in FAST_HTTP_ENV} == FAST_HTTP_ENV and http_path_env("proxy") == {}
+    assert Path(fast["RAY_SERVE_HAPROXY_BINARY_PATH"]).name == "haproxy-loopback"  # its side listeners: loopback
     with pytest.raises(ConfigError, match="expected one of"):
         http_path_env("nginx")
 
@@ -146,3 +171,23 @@ def test_descendants_finds_children_and_grandchildren():
                 os.kill(pid, signal.SIGKILL)
         child.kill()
         child.wait()
+
+
+def test_loopback_haproxy_moves_only_the_side_listeners(tmp_path, monkeypatch):
+    """The HAProxy wrapper Ray runs: `bind :PORT` / `bind *:PORT` (stats, Prometheus) go to loopback, the HTTP
+    frontend keeps the host it was given, and the real HAProxy then runs on the rewritten file."""
+    from deepfake.serve import loopback_haproxy
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    wrapper = loopback_haproxy()
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text(
+        "defaults\n    mode http\n    timeout client 5s\n    timeout server 5s\n    timeout connect 5s\n"
+        "frontend prometheus\n    bind :9101\n    http-request return status 200\n"
+        "frontend http_frontend\n    bind 0.0.0.0:8000\n    http-request return status 200\n"
+        "listen stats\n    bind *:8404\n    stats enable\n"
+    )
+    out = subprocess.run([str(wrapper), "-c", "-f", str(cfg)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr  # the real HAProxy checked the rewritten file
+    binds = [line.strip() for line in cfg.read_text().splitlines() if line.strip().startswith("bind")]
+    assert binds == ["bind 127.0.0.1:9101", "bind 0.0.0.0:8000", "bind 127.0.0.1:8404"]
