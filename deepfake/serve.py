@@ -448,13 +448,14 @@ FAST_HTTP_ENV = {
     "RAY_SERVE_HAPROXY_TIMEOUT_SERVER_S": "300",
     # Every route of this app is free of side effects (a verdict, an explanation, a health check), so a request
     # that a replica took and then lost (its process killed or out of memory) is safe to replay on another one:
-    # HAProxy does, instead of closing the client's connection (Ray retries only connection failures). Once: a
-    # request that itself kills replicas (a query of death) takes at most one more with it. HAProxy can replay
+    # HAProxy does, instead of closing the client's connection (Ray retries only connection failures). Twice at
+    # most: the first replay can land on the dead replica before HAProxy has marked it down (seen: 1 failed of
+    # 807 with one replay), and a request that itself kills replicas takes at most two more. HAProxy can replay
     # only a request that fits its buffer (Ray's default 16 KiB: a CIFAKE JPEG, not a photo): 512 KiB buffers,
     # held only while a request is in flight. An Ingress replica killed under 32 clients with 35-400 KB JPEGs:
     # 0 failed requests, against 16 with Ray's defaults (bench/results/serve_replica_kill.json).
     "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response",
-    "RAY_SERVE_HAPROXY_RETRIES": "1",
+    "RAY_SERVE_HAPROXY_RETRIES": "2",
     "RAY_SERVE_HAPROXY_TUNE_BUFSIZE": "524288",
 }
 HTTP_PATHS = ("auto", "haproxy", "proxy")

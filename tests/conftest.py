@@ -39,6 +39,26 @@ def write_images(folder: Path, n: int, seed0: int = 0, name: str = "img {i} (1).
     return out
 
 
+def free_ports(n: int = 1) -> list[int]:
+    """`n` distinct ports free now, drawn from 20000-32767: above Ray's worker ports (10002-19999) and below the
+    kernel's ephemeral range (32768-60999), where the many processes Ray starts take their own ports, so a port
+    chosen here is not taken by one of them before the server under test binds it."""
+    import random
+    import socket
+
+    chosen: list[int] = []
+    for port in random.sample(range(20000, 32768), 400):
+        with socket.socket() as s:
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+        chosen.append(port)
+        if len(chosen) == n:
+            return chosen
+    raise RuntimeError(f"no {n} free ports in 20000-32767")
+
+
 @pytest.fixture(scope="session")
 def sample_dir() -> Path:
     return SAMPLE_DIR

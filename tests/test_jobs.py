@@ -10,7 +10,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,6 +22,7 @@ import yaml
 from deepfake import checkpoint as ck
 from deepfake import jobs, stages
 from deepfake.cli import main
+from tests.conftest import free_ports
 from tests.test_serve_process import _kill_stale_haproxy
 
 REPO = Path(__file__).resolve().parent.parent
@@ -105,16 +105,7 @@ def test_serve_config_overrides():
 
 # ---------------------------------------------------------------------------------------------- a real head
 def _free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+    return free_ports(n)
 
 
 def _pids_using(marker: str) -> list[int]:

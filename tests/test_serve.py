@@ -8,7 +8,6 @@ import io
 import json
 import os
 import shutil
-import socket
 import time
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from tests.conftest import jpeg_bytes
+from tests.conftest import free_ports, jpeg_bytes
 from tests.web_page import (  # noqa: F401 - the web page's tests run here, on this module's Serve
     WEB_KEY,
     browser,
@@ -35,9 +34,7 @@ MAX_BODY = 256 * 1024
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def wait_healthy(url: str, timeout: float = 180) -> dict:
@@ -465,37 +462,44 @@ def test_overload_gives_503_json_and_server_survives(app_url):
 
 # ---------------------------------------------------------------------------------------------- serve deploy
 class Traffic:
-    """One client posting the same image in a loop while a model is swapped: every status, and the models
-    that answered (a rolling swap must not fail a single request)."""
+    """Clients posting the same image in a loop while a model is swapped or a replica killed: every status
+    (0: the connection failed), and the models that answered (neither may fail a single request)."""
 
-    def __init__(self, url: str, body: bytes):
+    def __init__(self, url: str, body: bytes, clients: int = 1, pause: float = 0.1):
         import threading
 
-        self.url, self.body = url, body
+        self.url, self.body, self.pause = url, body, pause
         self.codes: list[int] = []
         self.models: set[str] = set()
         self.failures: list[tuple[int, str]] = []
         self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run)
+        self.threads = [threading.Thread(target=self._run) for _ in range(clients)]
 
     def _run(self) -> None:
         with httpx.Client(timeout=60) as c:
             while not self.stop.is_set():
-                r = c.post(self.url, content=self.body)
+                try:
+                    r = c.post(self.url, content=self.body)
+                except httpx.HTTPError as e:  # a dropped connection is a failed request too
+                    self.codes.append(0)
+                    self.failures.append((0, repr(e)))
+                    continue
                 self.codes.append(r.status_code)
                 if r.status_code == 200:
                     self.models.add(r.json()["results"][0]["model"])
                 else:
                     self.failures.append((r.status_code, r.text[:300]))
-                time.sleep(0.1)
+                time.sleep(self.pause)
 
     def __enter__(self) -> Traffic:
-        self.thread.start()
+        for t in self.threads:
+            t.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self.stop.set()
-        self.thread.join(timeout=90)
+        for t in self.threads:
+            t.join(timeout=90)
 
     def wait_for_model(self, marker: str, timeout: float = 150) -> None:
         deadline = time.monotonic() + timeout
@@ -508,12 +512,15 @@ class Traffic:
         assert self.codes and set(self.codes) == {200}, (counts, self.failures)
 
 
-def _config_copy(dest: Path, model_dir: Path, port: int) -> Path:
+def _config_copy(dest: Path, model_dir: Path, port: int, min_replicas: int | None = None) -> Path:
     cfg = yaml.safe_load((REPO / "serve_config.yaml").read_text())
     cfg["http_options"]["port"] = port
     app = cfg["applications"][0]
     # no Explainer: `deepfake serve`'s process test does not explain, and it starts the app twice
     app["args"].update(model=str(model_dir), device="cpu", detector_num_cpus=0.5, explain=False)
+    if min_replicas is not None:
+        ingress = next(d for d in app["deployments"] if d["name"] == "Ingress")
+        ingress["autoscaling_config"]["min_replicas"] = min_replicas
     dest.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return dest
 

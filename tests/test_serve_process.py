@@ -16,13 +16,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.test_serve import _config_copy, free_port, sample_image, wait_healthy
+from tests.test_serve import Traffic, _config_copy, free_port, sample_image, wait_healthy
 
 
 @pytest.mark.slow
 def test_deepfake_serve_takes_the_fast_http_path(trained_model_dir, sample_dir, tmp_path):
     """`deepfake serve` on its embedded Ray: HAProxy answers on the configured port and forwards to the
-    Ingress replica's own HTTP server; predict and the web page work through it. Killed with SIGKILL, it
+    Ingress replica's own HTTP server; predict and the web page work through it; one of its two Ingress
+    replicas killed under load fails no request. Killed with SIGKILL, it
     restarts on the same port (the HAProxy it left is stopped); Ctrl-C leaves nothing behind."""
     from deepfake.serve import orphaned_haproxies
 
@@ -30,7 +31,7 @@ def test_deepfake_serve_takes_the_fast_http_path(trained_model_dir, sample_dir, 
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", **_haproxy_side_port_env()}
     env.pop("RAY_ADDRESS", None)
-    cfg = _config_copy(tmp_path / "serve.yaml", trained_model_dir, port)
+    cfg = _config_copy(tmp_path / "serve.yaml", trained_model_dir, port, min_replicas=2)
     cmd = [sys.executable, "-m", "deepfake.cli", "serve", "--config", str(cfg), "--http-path", "haproxy"]
     log = open(tmp_path / "serve.log", "w")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -47,13 +48,22 @@ def test_deepfake_serve_takes_the_fast_http_path(trained_model_dir, sample_dir, 
         assert ours, _haproxy_configs()
         assert "timeout client 30s" in ours[0] and "timeout server 300s" in ours[0]  # not Ray's 1-hour default
         # a request a dying replica held is replayed once elsewhere, a photo included (it fits the buffer)
-        assert "retry-on conn-failure empty-response" in ours[0] and "retries 1" in ours[0]
+        assert "retry-on conn-failure empty-response" in ours[0] and "retries 2" in ours[0]
         assert "tune.bufsize 524288" in ours[0]
         # HAProxy's stats and Prometheus listeners on loopback only (Ray's template binds every interface);
         # the HTTP port where the config's host says (127.0.0.1 here)
         side = [int(env["RAY_SERVE_HAPROXY_STATS_PORT"]), int(env["RAY_SERVE_HAPROXY_METRICS_PORT"])]
         listening = {p: _listen_addresses(p) for p in [*side, port]}
         assert all(addrs == {"127.0.0.1"} for addrs in listening.values()), listening
+        # an Ingress replica killed (SIGKILL, as the OOM killer would) while 8 clients keep posting: HAProxy
+        # replays what it held on the other replica, so no request fails
+        replicas = _wait_for_replicas(proc.pid, "deepfake", "Ingress", 2, timeout=120)
+        with Traffic(f"{url}/predict", img, clients=8, pause=0) as traffic:
+            time.sleep(2)
+            os.kill(replicas[0], signal.SIGKILL)
+            time.sleep(3)
+        counts = {c: traffic.codes.count(c) for c in set(traffic.codes)}
+        assert len(traffic.codes) > 20 and set(traffic.codes) == {200}, (counts, traffic.failures[:3])
         # killed as the OOM killer would: Ray's HAProxy, in a session of its own, outlives it and keeps the port
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
@@ -80,6 +90,25 @@ def test_deepfake_serve_takes_the_fast_http_path(trained_model_dir, sample_dir, 
     text = (tmp_path / "serve.log").read_text()
     assert "HTTP path: HAProxy + direct ingress" in text
     assert ("stopping HAProxy" in text) == bool(left_behind)  # what the restart found, it stopped
+
+
+def _wait_for_replicas(root: int, app: str, deployment: str, n: int, timeout: float) -> list[int]:
+    """Pids of the app's running `deployment` replicas below process `root` (by their process title), once
+    there are `n`."""
+    from deepfake.serve import descendants
+
+    title = f"ray::ServeReplica:{app}:{deployment}".encode()
+    deadline = time.monotonic() + timeout
+    while True:
+        pids = []
+        for pid in descendants(root):
+            with contextlib.suppress(OSError):
+                if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(title):
+                    pids.append(pid)
+        if len(pids) >= n:
+            return sorted(pids)
+        assert time.monotonic() < deadline, f"{len(pids)} {deployment} replicas after {timeout} s, wanted {n}"
+        time.sleep(0.5)
 
 
 def _wait_for_line(path: Path, text: str, count: int, timeout: float) -> None:
