@@ -137,6 +137,9 @@ def ray_head():
         **os.environ,
         **FAST_HTTP_ENV,
         "RAY_SERVE_HAPROXY_BINARY_PATH": str(loopback_haproxy()),  # as cluster.yaml starts a node
+        # Ray's default on a cluster node; an embedded Ray started earlier in this process (the session's
+        # ray_local) switched it off in os.environ, and the head would inherit that
+        "RAY_enable_metrics_collection": "1",
         "RAY_SERVE_HAPROXY_STATS_PORT": str(stats),
         "RAY_SERVE_HAPROXY_METRICS_PORT": str(hmetrics),
         "RAY_AUTH_MODE": "disabled",
