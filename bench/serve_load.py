@@ -86,14 +86,15 @@ class HAProxyPeakRSS:
         self._thread.join()
 
     def _sample(self) -> None:
+        from deepfake.serve import haproxy_pids
+
         page = os.sysconf("SC_PAGE_SIZE")
         while not self._stop.wait(0.2):
             total = 0
-            for comm in Path("/proc").glob("[0-9]*/comm"):
+            for pid in haproxy_pids():
                 try:
-                    if comm.read_text().strip() == "haproxy":
-                        total += int((comm.parent / "statm").read_text().split()[1]) * page
-                except (OSError, ValueError, IndexError):
+                    total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * page
+                except (OSError, ValueError, IndexError):  # gone since it was listed
                     continue
             self.peak_mb = max(self.peak_mb, round(total / 2**20, 1))
 

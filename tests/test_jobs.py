@@ -104,10 +104,6 @@ def test_serve_config_overrides():
 
 
 # ---------------------------------------------------------------------------------------------- a real head
-def _free_ports(n: int) -> list[int]:
-    return free_ports(n)
-
-
 def _pids_using(marker: str) -> list[int]:
     """Processes of this head only: every Ray process of the session names its temp dir on its command line."""
     out = []
@@ -130,7 +126,7 @@ def ray_head():
 
     from deepfake.serve import FAST_HTTP_ENV, loopback_haproxy
 
-    gcs, dash, client_port, nm, om, agent, agent_grpc, renv, metrics, stats, hmetrics = _free_ports(11)
+    gcs, dash, client_port, nm, om, agent, agent_grpc, renv, metrics, stats, hmetrics = free_ports(11)
     temp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's unix socket paths have a length limit
     HEAD["metrics"] = f"http://127.0.0.1:{metrics}/metrics"  # Ray's Prometheus endpoint on this head
     env = {
@@ -320,7 +316,7 @@ def test_serve_deploy_jobs_then_a_rolling_model_swap_over_http(
     from deepfake.inference import Predictor
     from tests.test_serve import Traffic, _model_copy
 
-    port = _free_ports(1)[0]
+    port = free_ports(1)[0]
     url = f"http://127.0.0.1:{port}"
     # no Explainer: nothing here explains, and its replicas (twice: the swap) would only cost start-up time
     small = ["device=cpu", "detector_num_cpus=0.5", "explain=false"]

@@ -47,7 +47,7 @@ def test_deepfake_serve_takes_the_fast_http_path(trained_model_dir, sample_dir, 
         ours = [text for _, text in _haproxy_configs() if f":{port}" in text]
         assert ours, _haproxy_configs()
         assert "timeout client 30s" in ours[0] and "timeout server 300s" in ours[0]  # not Ray's 1-hour default
-        # a request a dying replica held is replayed once elsewhere, a photo included (it fits the buffer)
+        # a request a dying replica held is replayed elsewhere (up to twice), a photo included (it fits the buffer)
         assert "retry-on conn-failure empty-response" in ours[0] and "retries 2" in ours[0]
         assert "tune.bufsize 524288" in ours[0]
         # HAProxy's stats and Prometheus listeners on loopback only (Ray's template binds every interface);
@@ -220,3 +220,9 @@ def test_loopback_haproxy_moves_only_the_side_listeners(tmp_path, monkeypatch):
     assert out.returncode == 0, out.stdout + out.stderr  # the real HAProxy checked the rewritten file
     binds = [line.strip() for line in cfg.read_text().splitlines() if line.strip().startswith("bind")]
     assert binds == ["bind 127.0.0.1:9101", "bind 0.0.0.0:8000", "bind 127.0.0.1:8404"]
+    # written again in a process whose environment already names the wrapper (an embedded Ray started before
+    # sets it): it still runs the real HAProxy, not itself
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_BINARY_PATH", str(wrapper))
+    assert str(wrapper) not in loopback_haproxy().read_text()
+    out = subprocess.run([str(wrapper), "-c", "-f", str(cfg)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
