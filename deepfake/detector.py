@@ -180,6 +180,10 @@ class Detector:
         log.info("Detector %s loaded model %s: %s", self.replica, name, scorer.version)
         return scorer
 
+    async def scorer(self, name: str = "") -> Any:
+        """The default model ('') or a named one of the models directory (loaded on first use)."""
+        return self.predictor if not name or name == self.default_name else await self.get_model(name)
+
     async def _merger(self, name: str) -> ForwardMerger:
         return self.merger if not name or name == self.default_name else (await self.get_model(name)).merger
 

@@ -9,6 +9,7 @@ image's own size, mapped through the model's resize + centre crop; the parts the
 from __future__ import annotations
 
 import copy
+import io
 import logging
 import threading
 import weakref
@@ -139,6 +140,14 @@ def overlay_image(image: Image.Image, cam: np.ndarray, image_weight: float = 0.5
     return Image.fromarray(show_cam_on_image(rgb, cam, use_rgb=True, image_weight=image_weight))
 
 
+def overlay_png(image: Image.Image, cam: np.ndarray) -> bytes:
+    """PNG of `image` under its heatmap; `cam` at the model's input size (`view_cams`) or the image's."""
+    full = cam if cam.shape == (image.height, image.width) else map_cam_to_image(cam, image.width, image.height)
+    buf = io.BytesIO()
+    overlay_image(image, full).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def _target_index(classes: Sequence[str], target: str | None) -> int | None:
     if target is None:
         return None
@@ -147,19 +156,36 @@ def _target_index(classes: Sequence[str], target: str | None) -> int | None:
     return list(classes).index(target)
 
 
-def _member_cams(
-    member: Predictor, chunk: list[Image.Image], target_idx: int | None
-) -> tuple[list[np.ndarray], np.ndarray]:
-    """One model's Grad-CAM of a batch, each map at its image's own size, and the model's class probabilities
-    (raw softmax, only to pick the class to explain when none is given)."""
-    cm = cam_model(member)
-    with cm.lock, GradCAM(model=cm.model, target_layers=[cm.layer]) as cam:
-        x = member.preprocess(chunk).clone()  # a normal tensor even if made in inference mode
-        targets = None if target_idx is None else [ClassifierOutputTarget(target_idx)] * len(chunk)
-        cams = cam(input_tensor=x, targets=targets)
-        probs = cam.outputs.detach().float().softmax(1).cpu().numpy()
-        cam.outputs = None  # drop the autograd graph now, not at the next batch
-    return [map_cam_to_image(h, img.width, img.height) for img, h in zip(chunk, cams)], probs
+def model_views(scorer: Scorer, image: Image.Image) -> list[np.ndarray]:
+    """The image as each member of `scorer` reads it (`Predictor.view`): all Grad-CAM needs of it, so the
+    server ships these few kilobytes to its Explainer, never the decoded image."""
+    return [m.view(image) for m in scorer.members]
+
+
+def view_cams(scorer: Scorer, views: Sequence[Sequence[np.ndarray]], targets: Sequence[str]) -> list[np.ndarray]:
+    """Grad-CAM of each image, given as its `model_views`, for its target class: float32 (S, S) in [0, 1] at
+    the largest member's input size; an ensemble's map is the mean of its members' maps. One batched forward +
+    backward per member."""
+    if len(views) != len(targets):
+        raise ValueError(f"{len(views)} images but {len(targets)} targets")
+    if not views:
+        return []
+    side = scorer.image_size
+    maps = [np.zeros((side, side), np.float32) for _ in views]
+    wanted = [ClassifierOutputTarget(_target_index(scorer.classes, t)) for t in targets]
+    # Grad-CAM needs autograd even when a caller runs under inference_mode/no_grad.
+    with torch.inference_mode(False), torch.enable_grad():
+        for k, member in enumerate(scorer.members):
+            cm = cam_model(member)
+            with cm.lock, GradCAM(model=cm.model, target_layers=[cm.layer]) as cam:
+                x = member.preprocess([Image.fromarray(v[k]) for v in views]).clone()  # a normal tensor
+                cams = cam(input_tensor=x, targets=wanted)
+                cam.outputs = None  # drop the autograd graph now, not at the next batch
+            for m, c in zip(maps, cams):
+                if c.shape != (side, side):
+                    c = cv2.resize(np.asarray(c, np.float32), (side, side), interpolation=cv2.INTER_LINEAR)
+                m += c
+    return [np.clip(m / len(scorer.members), 0.0, 1.0) for m in maps]
 
 
 def explain_images(
@@ -169,48 +195,27 @@ def explain_images(
     batch_size: int = 16,
     progress: bool = False,
 ) -> list[Explanation]:
-    """Grad-CAM for each RGB image, explaining `target` (a class name) or, by default, the class the scorer
-    predicts. One forward + backward per batch of `batch_size` images and model; an ensemble's map is the mean
-    of its members' maps (each at the image's size), for the class the ensemble predicts."""
+    """Grad-CAM for each RGB image, explaining `target` (a class name) or, by default, the class of the
+    scorer's answer (its label at the operating threshold): the verdict with its guard (one forward), then
+    `view_cams` per batch of `batch_size` images, each map brought back to its image's own size."""
     if not images:
         return []
-    classes = predictor.classes
-    target_idx = _target_index(classes, target)
+    if target is not None:
+        _target_index(predictor.classes, target)  # a bad class name fails before any work
     out: list[Explanation] = []
-    # Grad-CAM needs autograd even when a caller runs under inference_mode/no_grad.
-    with (
-        torch.inference_mode(False),
-        torch.enable_grad(),
-        tqdm(total=len(images), unit="img", desc="explain", disable=not progress, mininterval=2) as bar,
-    ):
+    with tqdm(total=len(images), unit="img", desc="explain", disable=not progress, mininterval=2) as bar:
         for start in range(0, len(images), max(1, batch_size)):
             chunk = images[start : start + max(1, batch_size)]
-            # the verdict with its guard and calibration: one more forward, cheap beside the backward
             answers = predictor.predict_images(chunk)
-            single = len(predictor.members) == 1
-            # a single model explains its own argmax; an ensemble's members all explain the ensemble's class
-            idx = [target_idx] * len(chunk) if (single or target_idx is not None) else None
-            if idx is None:
-                idx = [classes.index(a["label"]) for a in answers]
-            groups: dict[int | None, list[int]] = {}
-            for i, t in enumerate(idx):
-                groups.setdefault(t, []).append(i)
-            maps: list[list[np.ndarray]] = [[] for _ in chunk]
-            explained = [""] * len(chunk)
-            for t, where in groups.items():
-                part = [chunk[i] for i in where]
-                for member in predictor.members:
-                    cams, probs = _member_cams(member, part, t)
-                    for i, c, p in zip(where, cams, probs):
-                        maps[i].append(c)
-                        explained[i] = classes[int(np.argmax(p)) if t is None else t]
-            for img, ms, a, ex in zip(chunk, maps, answers, explained):
-                full = np.mean(ms, axis=0).astype(np.float32) if len(ms) > 1 else ms[0]
+            targets = [target or a["label"] for a in answers]
+            cams = view_cams(predictor, [model_views(predictor, img) for img in chunk], targets)
+            for img, cam, a, t in zip(chunk, cams, answers, targets):
+                full = map_cam_to_image(cam, img.width, img.height)
                 out.append(
                     Explanation(
                         label=a["label"],
                         prob_ai=a["prob_ai"],
-                        target=ex,
+                        target=t,
                         cam=full,
                         overlay=overlay_image(img, full),
                         answer=a,

@@ -18,7 +18,7 @@ from deepfake.checkpoint import load_model
 from deepfake.guard import DomainGuard, TappedNet, lowlevel_images
 from deepfake.images import original_size
 from deepfake.model import autocast, input_to_device, pick_device, to_device
-from deepfake.transforms import build_transform
+from deepfake.transforms import build_transform, eval_geometry
 
 
 class Scorer:
@@ -108,6 +108,8 @@ class Predictor(Scorer):
             train=False,
             interpolation=meta.get("interpolation", "bicubic"),
         )
+        # the transform's first steps, resize + centre crop: the image as this model reads it (`view`)
+        self.geometry = eval_geometry(self.image_size, meta.get("interpolation", "bicubic"))
         self.version = model_version(meta)
         trust = meta.get("trust") or {}
         self.temperature = float(trust.get("temperature", 1.0))
@@ -135,6 +137,11 @@ class Predictor(Scorer):
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """RGB PIL images -> normalised batch on the model's device."""
         return self.place(torch.stack([self.transform(img) for img in images]))
+
+    def view(self, image: Image.Image) -> np.ndarray:
+        """The image as this model reads it, uint8 (S, S, 3): `transform` of it gives what `transform` of the
+        image gives (Pillow leaves an image already at size as it is), for a few kilobytes."""
+        return np.asarray(self.geometry(image), dtype=np.uint8)
 
     def place(self, x: torch.Tensor) -> torch.Tensor:
         """A transformed batch on the model's device, in the model's memory format."""

@@ -512,12 +512,30 @@ class Ingress:
             raise HTTPError(400, "bad_target", f"target must be one of {self.classes}, got {target!r}")
         if self.explainer is None:
             raise HTTPError(501, "explain_disabled", "this deployment serves predictions only (explain=false)")
-        explainer = self._handle(self.explainer, self._model_name(request))
+        model_name = self._model_name(request)
+        explainer = self._handle(self.explainer, model_name)
         as_json = wants_json(request.headers.get("accept", ""), format)
         files = await self._read_images(request, filename)
         if not as_json and len(files) > 1:
             raise HTTPError(400, "one_image_for_png", "a PNG answer holds one image; use ?format=json for several")
-        outs = await asyncio.gather(*(self._call(explainer.explain, (img, target)) for _, img, _ in files))
+        from deepfake.explain import model_views, overlay_png
+
+        scorer = await self.detector.scorer(model_name)
+
+        async def one(img: Image.Image) -> dict[str, Any]:
+            # the verdict from this replica's batched model; the Explainer gets the image as the model reads it
+            try:
+                v = await self.detector.predict(img, model_name)
+            except Overloaded as e:
+                raise overloaded(e) from None
+            cls = target or v["label"]
+            views = await asyncio.to_thread(model_views, scorer, img)
+            cam = await self._call(explainer.explain, (views, cls))
+            png = await asyncio.to_thread(overlay_png, img, cam)  # at the decoded image's size
+            width, height = original_size(img)
+            return {**v, "target": cls, "overlay_png": png, "width": width, "height": height}
+
+        outs = await asyncio.gather(*(one(img) for _, img, _ in files))
         ms = round((time.perf_counter() - t0) * 1000, 2)
         if not as_json:
             o = outs[0]

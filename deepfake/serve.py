@@ -5,8 +5,9 @@ Two deployments, each scaling on its own:
 - `Ingress` (`deepfake.ingress`) is the FastAPI app behind `@serve.ingress`: it reads and decodes every
   upload, checks keys and limits, answers /predict from its own batched model (`deepfake.detector`: one hop,
   no handle call) and turns every failure into a JSON error with a status code.
-- `Explainer` holds its own model copy (Grad-CAM hooks it and needs a backward pass) and calls
-  `deepfake.explain.explain_images`; the Ingress reaches it through a handle.
+- `Explainer` holds its own model copy (Grad-CAM hooks it and needs a backward pass) and answers
+  `deepfake.explain.view_cams` for images the Ingress sends as the model reads them (`model_views`: a few
+  kilobytes each, whatever the upload's size); the Ingress reaches it through a handle and draws the overlay.
 
 `app_builder` is the import path for `serve run|deploy serve_config.yaml`; `build_app` is the same for
 Python callers (tests, `deepfake serve`).
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import logging
 import sys
 import time
@@ -24,7 +24,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
@@ -134,12 +134,6 @@ def cluster_gpu_count() -> float:
     return float(torch.cuda.device_count())
 
 
-def png_bytes(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
-
-
 # ---------------------------------------------------------------------------------------------- deployments
 @serve.deployment(name="Explainer", health_check_period_s=10, health_check_timeout_s=60)
 class Explainer:
@@ -162,6 +156,7 @@ class Explainer:
         self.models_dir = Path(models_dir or Path(model_dir).parent)
         self.explain.set_max_batch_size(max_batch_size)
         self.batch_sizes: Counter[int] = Counter()
+        self.largest_input = 0  # bytes of one image's views: what the Ingress ships here
         self.replica = replica_id()
         if warmup:
             from deepfake.explain import explain_images
@@ -170,11 +165,16 @@ class Explainer:
         log.info("Explainer %s ready: %s", self.replica, self.predictor.version)
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.02)
-    async def explain(self, items: list[tuple[Image.Image, str | None]]) -> list[dict[str, Any]]:
+    async def explain(self, items: list[tuple[list[np.ndarray], str]]) -> list[np.ndarray]:
+        """Grad-CAM maps at the model's input size for (model_views, target class) pairs: the Ingress sends
+        the image as each member reads it (a few kilobytes) and draws the overlay itself."""
         self.batch_sizes[len(items)] += 1
+        self.largest_input = max([self.largest_input, *(sum(v.nbytes for v in views) for views, _ in items)])
         name = serve.get_multiplexed_model_id()
         scorer = self.predictor if not name or name == self.default_name else await self.get_model(name)
-        return await asyncio.to_thread(self._explain_sync, scorer, items)
+        from deepfake.explain import view_cams
+
+        return await asyncio.to_thread(view_cams, scorer, [v for v, _ in items], [t for _, t in items])
 
     @serve.multiplexed(max_num_models_per_replica=MAX_MODELS_PER_REPLICA)
     async def get_model(self, name: str) -> Any:
@@ -183,30 +183,12 @@ class Explainer:
 
         return await asyncio.to_thread(load_scorer, str(self.models_dir / name), **self.load_kw)
 
-    def _explain_sync(self, scorer: Any, items: list[tuple[Image.Image, str | None]]) -> list[dict[str, Any]]:
-        from deepfake.explain import explain_images
-
-        out: list[dict[str, Any] | None] = [None] * len(items)
-        by_target: dict[str | None, list[int]] = {}
-        for i, (_, target) in enumerate(items):
-            by_target.setdefault(target, []).append(i)
-        for target, idx in by_target.items():
-            exps = explain_images(scorer, [items[i][0] for i in idx], target=target)
-            for i, e in zip(idx, exps):
-                out[i] = {
-                    **e.answer,
-                    "label": e.label,
-                    "prob_ai": float(e.prob_ai),
-                    "target": e.target,
-                    "model": scorer.version,
-                    "overlay_png": png_bytes(e.overlay),
-                    "width": e.overlay.width,
-                    "height": e.overlay.height,
-                }
-        return out  # type: ignore[return-value]
-
     def stats(self) -> dict[str, Any]:
-        return {"replica": self.replica, "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())}}
+        return {
+            "replica": self.replica,
+            "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
+            "largest_input_bytes": self.largest_input,
+        }
 
     def check_health(self) -> None:
         if any(m.model is None for m in self.predictor.members):

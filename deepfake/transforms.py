@@ -72,6 +72,13 @@ def degradations(p: float) -> Callable:
     )
 
 
+def eval_geometry(image_size: int, interpolation: str = "bicubic") -> Callable:
+    """PIL RGB -> the square PIL image the model reads: the shorter side resized to `image_size` (aspect ratio
+    kept, so photos are not squashed), then the centre square cropped."""
+    interp = _INTERPOLATION.get(interpolation, T.InterpolationMode.BICUBIC)
+    return T.Compose([T.Resize(image_size, interpolation=interp, antialias=True), T.CenterCrop(image_size)])
+
+
 def build_transform(
     image_size: int,
     mean: tuple[float, ...],
@@ -83,15 +90,12 @@ def build_transform(
     crop_padding: int = 0,
     degrade: float = 0.0,
 ) -> Callable:
-    """PIL RGB -> normalised tensor. Eval is deterministic; train adds shift, flip and rotation.
-
-    Resize keeps the aspect ratio and a centre crop makes it square, so square inputs (CIFAKE) are
-    resized exactly as the seed did and other photos are not squashed."""
-    interp = _INTERPOLATION.get(interpolation, T.InterpolationMode.BICUBIC)
+    """PIL RGB -> normalised tensor. Eval is deterministic (`eval_geometry`, then the tensor); train adds
+    degradations before it and shift, flip and rotation after it."""
     ops: list = []
     if train and degrade > 0:  # on the image as stored, before the model's resize, as a degraded input arrives
         ops.append(degradations(degrade))
-    ops += [T.Resize(image_size, interpolation=interp, antialias=True), T.CenterCrop(image_size)]
+    ops += eval_geometry(image_size, interpolation).transforms
     if train:
         if crop_padding:
             ops.append(T.RandomCrop(image_size, padding=crop_padding, padding_mode="reflect"))

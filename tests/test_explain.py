@@ -57,6 +57,32 @@ def test_batched_equals_one_at_a_time(predictor):
         assert b.label == s.label and b.prob_ai == pytest.approx(s.prob_ai, abs=1e-5)
 
 
+def test_model_views_carry_what_the_model_reads_and_nothing_more(predictor):
+    # What the server ships to its Explainer: the image as the model reads it. Its transform must be the
+    # full image's transform (so the CAM is the same) and its size the model's, whatever the upload's.
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    from deepfake.explain import model_views, view_cams
+
+    imgs = sample_images() + [sample_images(2)[0].resize((900, 600), Image.Resampling.BICUBIC)]
+    views = [model_views(predictor, img) for img in imgs]
+    side = predictor.image_size
+    for img, (v,) in zip(imgs, views):
+        assert v.shape == (side, side, 3) and v.dtype == np.uint8
+        assert torch.equal(predictor.transform(Image.fromarray(v)), predictor.transform(img))
+    assert predictor.classes[0] == "ai"
+    cams = view_cams(predictor, views, ["ai"] * len(imgs))
+    cm = cam_model(predictor)
+    with torch.enable_grad(), GradCAM(model=cm.model, target_layers=[cm.layer]) as cam:
+        direct = cam(input_tensor=predictor.preprocess(imgs).clone(), targets=[ClassifierOutputTarget(0)] * len(imgs))
+    for a, b in zip(cams, direct):
+        assert a.shape == (side, side)
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    with pytest.raises(ValueError):
+        view_cams(predictor, views, ["ai"])
+
+
 def test_fine_tuned_differs_from_random_weights(predictor, trained_model_dir):
     torch.manual_seed(123)
     meta = predictor.meta

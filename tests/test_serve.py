@@ -319,7 +319,7 @@ def test_predict_multipart_many_files(app_url, sample_dir, trained_model_dir):
 
 
 @pytest.mark.slow
-def test_explain_png_and_json(app_url, sample_dir):
+def test_explain_png_and_json(app_url, sample_dir, trained_model_dir):
     data = sample_image(sample_dir).read_bytes()
     r = httpx.post(f"{app_url}/explain", content=data, headers={"Accept": "image/png"}, timeout=120)
     assert r.status_code == 200, r.text
@@ -341,6 +341,24 @@ def test_explain_png_and_json(app_url, sample_dir):
     wide = png_bytes(Image.new("RGB", (64, 24), (200, 30, 30)))
     r = httpx.post(f"{app_url}/explain", content=wide, timeout=120)
     assert r.status_code == 200 and Image.open(io.BytesIO(r.content)).size == (64, 24)
+    import skimage.data
+
+    from deepfake.images import decode_image
+    from deepfake.inference import scorer_info
+
+    # a 4.3 Mpx photo: the Explainer receives the image as the model reads it, never the decoded photo
+    photo = Image.fromarray(skimage.data.astronaut()).resize((2400, 1800), Image.Resampling.BILINEAR)
+    buf = io.BytesIO()
+    photo.save(buf, format="JPEG", quality=50)
+    r = httpx.post(f"{app_url}/explain?format=json", content=buf.getvalue(), timeout=120)
+    assert r.status_code == 200, r.text
+    (res,) = r.json()["results"]
+    assert (res["width"], res["height"]) == (2400, 1800)
+    overlay = Image.open(io.BytesIO(base64.b64decode(res["overlay_png_base64"])))
+    assert overlay.size == decode_image(buf.getvalue()).size == (600, 450)  # JPEG draft decoding at 1/4
+    side = scorer_info(trained_model_dir)["metas"][0]["image_size"]
+    shipped = httpx.get(f"{app_url}/stats", timeout=30).json()["explainer"]["largest_input_bytes"]
+    assert 0 < shipped <= side * side * 3, shipped
 
 
 def _bomb() -> bytes:
