@@ -254,15 +254,18 @@ def test_killed_search_resumes_without_rerunning_finished_trials(ray_local, smal
     proc = subprocess.Popen(
         [*cmd, "--address", address], env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
+    t0 = time.time()
     try:
-        deadline = time.time() + 240
-        while not _terminated(exp) and time.time() < deadline and proc.poll() is None:
+        while not _terminated(exp) and time.time() < t0 + 400 and proc.poll() is None:
             time.sleep(0.2)
         finished = _terminated(exp)
+        exited = proc.poll()
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the search's driver dies at once, and with it its trials
         proc.wait()
-    assert finished, proc.stderr.read().decode()[-3000:]
+    # (it failed once in CI with no trial recorded finished and no cause in the driver's log: say what was seen)
+    seen = f"after {time.time() - t0:.0f} s, driver exit code {exited}, states {sorted(p.name for p in exp.glob('*.json'))}"
+    assert finished, seen + "\n" + proc.stderr.read().decode()[-3000:]
     assert not (out / "trials.csv").exists()  # it really was cut short
     before = {t: (exp / t / "result.json").read_text() for t in finished}
 
