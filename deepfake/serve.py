@@ -534,7 +534,9 @@ def loopback_haproxy() -> Path:
     from deepfake.files import write_atomic
 
     real = haproxy_binary() or "haproxy"
-    return write_atomic(_loopback_haproxy_path(), _LOOPBACK_HAPROXY.format(real=shlex.quote(real), body_s=WAIT_FOR_BODY_S), mode=0o755)
+    return write_atomic(
+        _loopback_haproxy_path(), _LOOPBACK_HAPROXY.format(real=shlex.quote(real), body_s=WAIT_FOR_BODY_S), mode=0o755
+    )
 
 
 def _haproxy_side_ports() -> list[int]:
