@@ -185,7 +185,8 @@ class Detector:
         return self.predictor if not name or name == self.default_name else await self.get_model(name)
 
     async def _merger(self, name: str) -> ForwardMerger:
-        return self.merger if not name or name == self.default_name else (await self.get_model(name)).merger
+        scorer = await self.scorer(name)
+        return self.merger if scorer is self.predictor else scorer.merger
 
     # sizes are set in __init__; batches enter at once and merge in ForwardMerger, one model's at a time
     @serve.batch(max_concurrent_batches=64)

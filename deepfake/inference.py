@@ -101,15 +101,12 @@ class Predictor(Scorer):
         self.amp = amp
         self.channels_last = channels_last
         self.model = to_device(model, self.device, channels_last).eval()
+        interpolation = meta.get("interpolation", "bicubic")
         self.transform = build_transform(
-            self.image_size,
-            tuple(meta["mean"]),
-            tuple(meta["std"]),
-            train=False,
-            interpolation=meta.get("interpolation", "bicubic"),
+            self.image_size, tuple(meta["mean"]), tuple(meta["std"]), train=False, interpolation=interpolation
         )
         # the transform's first steps, resize + centre crop: the image as this model reads it (`view`)
-        self.geometry = eval_geometry(self.image_size, meta.get("interpolation", "bicubic"))
+        self.geometry = eval_geometry(self.image_size, interpolation)
         self.version = model_version(meta)
         trust = meta.get("trust") or {}
         self.temperature = float(trust.get("temperature", 1.0))
