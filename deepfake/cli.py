@@ -1,5 +1,6 @@
-"""`deepfake` command line: a thin layer over the stage modules. Settings come from one Config:
-defaults <- `--config FILE` <- the flags below <- `--set section.key=value`."""
+"""`deepfake` command line: a thin layer over the stage modules. The stages that also run as Ray jobs (train,
+tune, evaluate, predict) come with their arguments from `deepfake.stages`; the rest (data, explain, calibrate,
+provenance, card, serve, jobs) are here. Settings come from one Config (`stages.config_from_args`)."""
 
 from __future__ import annotations
 
@@ -8,91 +9,19 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any
 
 from deepfake import config as cfgmod
+from deepfake import stages
+from deepfake.stages import OP_HELP, SHIPPED_HELP, add_config_flags, allow_outside_flag, config_from_args, model_dirs
 
 log = logging.getLogger("deepfake")
-
-# flag -> dotted config key; one table, so the CLI never re-declares defaults of its own
-CONFIG_FLAGS: dict[str, tuple[str, type, str]] = {
-    "--data": ("data.path", str, "dataset: folder, CSV manifest or .tar.gz (default: the shipped sample)"),
-    "--image-size": ("data.image_size", int, "input resolution (224 default; 32-64 for CPU runs)"),
-    "--val-ratio": ("data.val_ratio", float, "validation fraction"),
-    "--test-ratio": ("data.test_ratio", float, "test fraction"),
-    "--max-per-class": ("data.max_per_class", int, "cap images per class"),
-    "--arch": ("model.arch", str, "timm architecture"),
-    "--pretrained": ("model.pretrained", str, "none | hub | PATH to weights"),
-    "--finetune": ("model.finetune", str, "all | last:K"),
-    "--stem-stride": ("model.stem_stride", int, "stem convolution stride (1 for 32 px inputs)"),
-    "--epochs": ("train.epochs", int, "max epochs"),
-    "--batch-size": ("train.batch_size", int, "global batch size"),
-    "--optimizer": ("train.optimizer", str, "adamw | adam | sgd | any timm optimizer"),
-    "--lr": ("train.lr", float, "learning rate"),
-    "--weight-decay": ("train.weight_decay", float, "weight decay"),
-    "--scheduler": ("train.scheduler", str, "step | cosine | none"),
-    "--patience": ("train.patience", int, "early-stopping patience (0: off)"),
-    "--backend": ("train.backend", str, "ray (Ray Train) | torch (this process, one device, no Ray)"),
-    "--workers": ("train.workers", int, "Ray Train workers"),
-    "--use-gpu": ("train.use_gpu", str, "auto | true | false"),
-    "--storage-path": ("train.storage_path", str, "Ray run storage (path or s3:// / gs:// URI)"),
-    "--name": ("train.name", str, "run name"),
-    "--out": ("train.out", str, "model export folder"),
-}
-
-
-def _add_config_flags(p: argparse.ArgumentParser, only: tuple[str, ...] | None = None) -> None:
-    p.add_argument("--config", help="YAML config (sections data/model/train/tune)")
-    for flag, (key, tp, help_) in CONFIG_FLAGS.items():
-        if only is None or key.split(".")[0] in only:
-            p.add_argument(flag, dest=key, type=tp, default=None, help=help_)
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override any setting, e.g. --set train.label_smoothing=0.1",
-    )
-
-
-def _config_from_args(args: argparse.Namespace, config_path: str | None = None) -> cfgmod.Config:
-    overrides: dict[str, Any] = {}
-    for key in (k for k, _, _ in CONFIG_FLAGS.values()):
-        if getattr(args, key, None) is not None:
-            overrides[key] = getattr(args, key)
-    for item in args.set:
-        if "=" not in item:
-            raise cfgmod.ConfigError(f"--set {item!r}: expected KEY=VALUE")
-        k, v = item.split("=", 1)
-        overrides[k.strip()] = v
-    if getattr(args, "allow_outside", False):
-        overrides["data.allow_outside"] = True
-    return cfgmod.load(config_path or args.config, overrides)
-
-
-ALLOW_OUTSIDE_HELP = "let a CSV manifest name files outside its own folder (absolute paths, ..): refused otherwise"
-
-
-def _allow_outside_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--allow-outside", action="store_true", help=ALLOW_OUTSIDE_HELP)
-
-
-SHIPPED_HELP = "default: the shipped models/cifake-ensemble"
-MODEL_HELP = f"model or ensemble folder (repeat: an ad-hoc ensemble; {SHIPPED_HELP})"
-
-
-def _model_dirs(models: list[str] | None) -> list[str]:
-    """The --model folders, resolved; none given means the shipped model."""
-    from deepfake.checkpoint import resolve_model_dir
-
-    return [str(resolve_model_dir(m)) for m in (models or [None])]
 
 
 # ---------------------------------------------------------------------------------------------- commands
 def cmd_data_summarize(args: argparse.Namespace) -> int:
     from deepfake.data import report, scan, split_samples
 
-    cfg = _config_from_args(args)
+    cfg = config_from_args(args)
     catalog = scan(args.path, allow_outside=args.allow_outside)
     split = split_samples(
         catalog.samples, cfg.data.val_ratio, cfg.data.test_ratio, cfg.data.seed, cfg.data.max_per_class
@@ -114,44 +43,6 @@ def cmd_data_summarize(args: argparse.Namespace) -> int:
     if rep["skipped"] > args.show_skipped:
         lines.append(f"    ... {rep['skipped'] - args.show_skipped} more (use --json for the full list)")
     print("\n".join(lines))
-    return 0
-
-
-def cmd_train(args: argparse.Namespace) -> int:
-    from deepfake.train import fit
-
-    config_path = args.config
-    if args.resume:
-        storage = getattr(args, "train.storage_path", None) or cfgmod.TrainConfig.model_fields["storage_path"].default
-        saved = Path(storage) / args.resume / "config.yaml"
-        if config_path is None and saved.is_file():
-            config_path = str(saved)
-        elif config_path is None and "://" not in storage:
-            raise cfgmod.ConfigError(f"--resume {args.resume}: no run found at {saved.parent}")
-    cfg = _config_from_args(args, config_path)
-    if args.resume:
-        cfg.train.name = args.resume
-    elif cfg.train.name and "://" not in cfg.train.storage_path:
-        existing = Path(cfg.train.storage_path) / cfg.train.name
-        if existing.exists():
-            raise cfgmod.ConfigError(
-                f"run {cfg.train.name!r} already exists in {cfg.train.storage_path}: use --resume "
-                f"{cfg.train.name} to continue it, or another --name"
-            )
-    out = fit(cfg, address=args.address, overwrite=args.overwrite)
-    m = out["metrics"]
-    log.info(
-        "best epoch %s: val_acc %.4f val_loss %.4f; model: %s",
-        m.get("epoch"),
-        m.get("val_acc", 0),
-        m.get("val_loss", 0),
-        out.get("model_dir"),
-    )
-    print(
-        json.dumps(
-            {k: out[k] for k in ("run", "model_dir", "metrics", "train_seconds") if k in out}, indent=2, default=str
-        )
-    )
     return 0
 
 
@@ -220,73 +111,6 @@ def cmd_jobs_list(args: argparse.Namespace) -> int:
     return 0
 
 
-TUNE_FLAGS: dict[str, tuple[str, type, str]] = {
-    "--samples": ("tune.samples", int, "number of trials"),
-    "--tune-epochs": ("tune.epochs", int, "per-trial epoch budget (ASHA max_t)"),
-    "--grace-period": ("tune.grace_period", int, "ASHA: epochs before a trial can be stopped"),
-    "--reduction-factor": ("tune.reduction_factor", int, "ASHA: keep 1/N at each rung"),
-    "--trial-scheduler": (
-        "tune.scheduler",
-        str,
-        "asha (Ray's ASHAScheduler, the default) | hyperband | bohb (Ray's HyperBand schedulers) | fifo",
-    ),
-    "--searcher": ("tune.searcher", str, "optuna (TPE) | random"),
-    "--max-concurrent": ("tune.max_concurrent", int, "trials at once"),
-    "--workers-per-trial": ("tune.workers_per_trial", int, "Ray Train workers per trial"),
-    "--cpus-per-trial-worker": ("tune.cpus_per_trial_worker", float, "CPUs per trial worker"),
-    "--gpus-per-trial-worker": ("tune.gpus_per_trial_worker", float, "GPUs (or a fraction) per trial worker"),
-    "--metric": ("tune.metric", str, "val_acc | val_loss"),
-    "--mode": ("tune.mode", str, "max | min"),
-    "--search-name": ("tune.name", str, "experiment name inside OUT (default: search)"),
-}
-
-
-def cmd_tune(args: argparse.Namespace) -> int:
-    from deepfake import tune as tunemod
-
-    for key, _, _ in TUNE_FLAGS.values():
-        if getattr(args, key, None) is not None:
-            args.set.append(f"{key}={getattr(args, key)}")
-    if args.output:
-        args.set.append(f"tune.out={args.output}")
-    cfg = _config_from_args(args)
-    if args.resume:  # the search continues with the settings it was started with
-        cfg = tunemod.load_saved(cfg.tune.out)
-    summary = tunemod.run_search(cfg, out=args.output or cfg.tune.out, resume=args.resume, address=args.address)
-    print(json.dumps(summary, indent=2, default=str))
-    return 0
-
-
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    from deepfake.evaluate import evaluate
-
-    args.model = _model_dirs(args.model)
-    if args.update_card and len(args.model) > 1:
-        raise cfgmod.ConfigError(
-            "--update-card records one model folder's evaluation; make an ensemble folder (deepfake make-ensemble)"
-        )
-    result = evaluate(
-        args.model,
-        data=args.data,
-        split=args.split,
-        robustness=args.robustness,
-        out_dir=args.output,
-        batch_size=args.batch_size,
-        device=args.device,
-        num_workers=args.loader_workers,
-        threshold=args.operating_point,
-        n_bootstrap=args.bootstrap,
-        progress=True,
-        allow_outside=args.allow_outside,
-    )
-    if args.update_card:
-        from deepfake.evaluate import update_card
-
-        update_card(args.model[0], result)
-    print(json.dumps(result, indent=2, default=str))
-    return 0
-
-
 def cmd_make_ensemble(args: argparse.Namespace) -> int:
     from deepfake.calibrate import make_ensemble
 
@@ -303,26 +127,6 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_predict(args: argparse.Namespace) -> int:
-    from deepfake.predict import predict
-
-    summary = predict(
-        _model_dirs(args.model),
-        args.path,
-        args.output,
-        batch_size=args.batch_size,
-        concurrency=args.concurrency,
-        gpus_per_replica=args.gpus_per_replica,
-        overwrite=args.overwrite,
-        address=args.address,
-        operating_point=args.operating_point,
-        c2pa_trust=args.c2pa_trust,
-        allow_outside=args.allow_outside,
-    )
-    print(json.dumps(summary, indent=2, default=str))
-    return 0
-
-
 def cmd_explain(args: argparse.Namespace) -> int:
     from deepfake.data import DataError
     from deepfake.explain import explain_images, write_explanations
@@ -332,7 +136,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from deepfake.provenance import load_trust, read_provenance
 
     predictor = load_scorer(
-        _model_dirs([args.model] if args.model else None)[0], device=args.device, operating_point=args.operating_point
+        model_dirs([args.model] if args.model else None)[0], device=args.device, operating_point=args.operating_point
     )
     trust = load_trust(args.c2pa_trust)
     images, names, failed, provenance = [], [], [], []
@@ -428,21 +232,18 @@ def cmd_card(args: argparse.Namespace) -> int:
         is_ensemble,
         read_ensemble,
         read_metadata,
+        record_limitations,
         resolve_model_dir,
         write_ensemble,
         write_metadata,
     )
 
     d = resolve_model_dir(args.model)
-    ensemble = is_ensemble(d)
-    meta = read_ensemble(d) if ensemble else read_metadata(d)
     if args.limitations:
         text = args.limitations
-        if text.startswith("@"):
-            text = Path(text[1:]).read_text().strip()
-        meta["limitations"] = text
-        meta.pop("limitations_generated", None)
-    write_ensemble(d, meta) if ensemble else write_metadata(d, meta)
+        record_limitations(d, Path(text[1:]).read_text().strip() if text.startswith("@") else text)
+    else:  # the card again from the metadata as it is
+        write_ensemble(d, read_ensemble(d)) if is_ensemble(d) else write_metadata(d, read_metadata(d))
     print((d / "README.md").read_text())
     return 0
 
@@ -467,12 +268,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- parser
-OP_HELP = (
-    "threshold on calibrated P(ai) (0..1), or an operating point the model recorded: fpr=0.01, fpr=0.05 or eer "
-    "(default 0.5)"
-)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deepfake", description="Tell AI-generated images from real photos.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -483,19 +278,14 @@ def build_parser() -> argparse.ArgumentParser:
     summ.add_argument("path")
     summ.add_argument("--json", help="also write the full report (every skipped file) as JSON")
     summ.add_argument("--show-skipped", type=int, default=20)
-    _add_config_flags(summ, only=("data",))
-    _allow_outside_flag(summ)
+    add_config_flags(summ, only=("data",))
+    allow_outside_flag(summ)
     summ.set_defaults(func=cmd_data_summarize)
 
-    tr = sub.add_parser("train", help="train with Ray Train and export the best model + card")
-    _allow_outside_flag(tr)
-    _add_config_flags(tr)
-    tr.add_argument("--resume", metavar="NAME", help="continue an interrupted run by name")
-    tr.add_argument(
-        "--overwrite", action="store_true", help="replace an existing model folder at --out (refused otherwise)"
-    )
-    tr.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or an embedded local Ray)")
-    tr.set_defaults(func=cmd_train)
+    for job in ("train", "tune", "evaluate", "predict"):  # the stages that also run as Ray jobs
+        add_arguments, func, help_ = stages.STAGES[job]
+        add_arguments(sp := sub.add_parser(job, help=help_, description=help_))
+        sp.set_defaults(func=func)
 
     jobs_p = sub.add_parser("jobs", help="run the stages on a Ray cluster (Ray Jobs API)")
     jobs_sub = jobs_p.add_subparsers(dest="jobs_command", required=True)
@@ -534,31 +324,6 @@ def build_parser() -> argparse.ArgumentParser:
     jl.add_argument("--address", help=address_help)
     jl.set_defaults(func=cmd_jobs_list)
 
-    tu = sub.add_parser("tune", help="hyperparameter search (Ray Tune + ASHA) -> best_config.yaml")
-    _allow_outside_flag(tu)
-    _add_config_flags(tu)
-    for flag, (key, tp, help_) in TUNE_FLAGS.items():
-        tu.add_argument(flag, dest=key, type=tp, default=None, help=help_)
-    tu.add_argument("-o", "--output", help="search folder: best_config.yaml, trials.csv, plots (default: tune.out)")
-    tu.add_argument("--resume", action="store_true", help="continue the interrupted search in the output folder")
-    tu.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or an embedded local Ray)")
-    tu.set_defaults(func=cmd_tune)
-
-    ev = sub.add_parser("evaluate", help="metrics, plots and robustness of a model (or an ensemble) on a dataset")
-    _allow_outside_flag(ev)
-    ev.add_argument("--model", action="append", metavar="DIR", help=MODEL_HELP)
-    ev.add_argument("--data", help="dataset (default: the data the first model was trained on)")
-    ev.add_argument("--split", choices=("val", "test", "train", "all"), default="val", help="as split in training")
-    ev.add_argument("--robustness", action="store_true", help="also score JPEG q90/75/50, 0.5x downscale, blur")
-    ev.add_argument("-o", "--output", default="eval_out", help="folder for metrics.json, predictions.csv, plots")
-    ev.add_argument("--batch-size", type=int, default=64)
-    ev.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    ev.add_argument("--loader-workers", type=int, default=0, help="DataLoader processes decoding images")
-    ev.add_argument("--operating-point", "--threshold", dest="operating_point", help=OP_HELP)
-    ev.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the ROC-AUC interval")
-    ev.add_argument("--update-card", action="store_true", help="record the result in the model folder and its card")
-    ev.set_defaults(func=cmd_evaluate)
-
     en = sub.add_parser("ensemble", help="combine prediction CSVs (filename,class,prob_ai) by vote or mean")
     en.add_argument("csv", nargs="+", help="prediction CSVs, one per model")
     en.add_argument("-o", "--output", required=True, help="combined CSV")
@@ -569,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
         "make-ensemble",
         help="an ensemble model folder: members by reference, its own operating points, usable as --model",
     )
-    _allow_outside_flag(me)
+    allow_outside_flag(me)
     me.add_argument("out", help="the new ensemble folder (e.g. models/cifake-ensemble)")
     me.add_argument("members", nargs="+", help="member model folders (two or more), each calibrated")
     me.add_argument("--data", help="dataset for its operating points (default: the members' training data)")
@@ -577,27 +342,6 @@ def build_parser() -> argparse.ArgumentParser:
     me.add_argument("--no-calibrate", action="store_true", help="write the folder only (no operating points)")
     me.add_argument("--overwrite", action="store_true", help="replace an existing folder at OUT")
     me.set_defaults(func=cmd_make_ensemble)
-
-    pr = sub.add_parser("predict", help="batch prediction with Ray Data: folder, .tar(.gz) or CSV -> predictions CSV")
-    _allow_outside_flag(pr)
-    pr.add_argument("path", help="folder (every image, recursively), .tar/.tar.gz archive, or CSV manifest (path)")
-    pr.add_argument("--model", action="append", metavar="DIR", help=MODEL_HELP)
-    pr.add_argument(
-        "-o",
-        "--output",
-        default="predictions.csv",
-        help="CSV: filename, class, verdict, prob_ai, prob_ai_raw, in_domain, domain_score, reason, ... (README)",
-    )
-    pr.add_argument("--batch-size", type=int, default=64, help="images per model call")
-    pr.add_argument("--concurrency", type=int, help="model replicas (default: one per GPU, or per 2 CPUs)")
-    pr.add_argument("--gpus-per-replica", type=float, help="GPUs per replica (default 1 when GPUs exist; 0: CPU)")
-    pr.add_argument(
-        "--overwrite", action="store_true", help="start the output afresh (default: resume, skipping rows written)"
-    )
-    pr.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or an embedded local Ray)")
-    pr.add_argument("--operating-point", "--threshold", dest="operating_point", help=OP_HELP)
-    pr.add_argument("--c2pa-trust", metavar="PEM", help="trusted root certificates for C2PA signers")
-    pr.set_defaults(func=cmd_predict)
 
     ex = sub.add_parser("explain", help="Grad-CAM heatmaps: overlay PNG + .npy per image, and a contact sheet")
     ex.add_argument("images", nargs="+", metavar="IMAGE")
@@ -613,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     ca = sub.add_parser(
         "calibrate", help="fit a model's temperature, operating points and out-of-domain guard on its own data"
     )
-    _allow_outside_flag(ca)
+    allow_outside_flag(ca)
     ca.add_argument("--model", metavar="DIR", help=f"model folder ({SHIPPED_HELP})")
     ca.add_argument("--data", help="dataset (default: the data the model was trained on, split as in training)")
     ca.add_argument("--fit-images", type=int, default=10_000, help="training images for the guard's statistics")
@@ -681,35 +425,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    from deepfake.calibration import CalibrationError
-    from deepfake.checkpoint import CheckpointError
-    from deepfake.cluster import ClusterError
-    from deepfake.data import DataError
-    from deepfake.guard import GuardError
-    from deepfake.images import BadImage
-    from deepfake.model import ModelError
-    from deepfake.provenance import ProvenanceError
-
-    try:
-        return int(args.func(args) or 0)
-    except (
-        cfgmod.ConfigError,
-        DataError,
-        ModelError,
-        CheckpointError,
-        BadImage,
-        FileNotFoundError,
-        CalibrationError,
-        GuardError,
-        ProvenanceError,
-        ClusterError,
-    ) as e:
-        log.error("%s", e)
-        return 2
-    except KeyboardInterrupt as e:
-        saved = getattr(e, "result", {}).get("model_dir")  # train.Interrupted: the best epoch was exported
-        log.error("interrupted%s", f"; the best epoch so far is in {saved}" if saved else "")
-        return 130
+    return stages.run_guarded(args.func, args)
 
 
 if __name__ == "__main__":

@@ -1,1 +1,2 @@
-"""One Ray job entrypoint per stage; each is a thin call into `deepfake.stages.run_job` (see README.md here)."""
+"""One Ray job entrypoint per stage: each reads its arguments with the stage's own parser and runs the stage's
+function in `deepfake.stages` (see README.md here)."""

@@ -1,4 +1,5 @@
-"""Ray job entrypoint: `deepfake evaluate ARGS` on the cluster (`python -m rayjobs.evaluate ARGS`)."""
+"""Ray job entrypoint: a model's evaluation on the cluster (`python -m rayjobs.evaluate ARGS`, the options of
+`deepfake evaluate`): the stage's own parser, then `deepfake.stages.evaluate` (`deepfake.evaluate.evaluate`)."""
 
 import sys
 

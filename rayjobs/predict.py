@@ -1,4 +1,5 @@
-"""Ray job entrypoint: `deepfake predict ARGS` on the cluster (`python -m rayjobs.predict ARGS`)."""
+"""Ray job entrypoint: batch prediction with Ray Data on the cluster (`python -m rayjobs.predict ARGS`, the
+options of `deepfake predict`): the stage's own parser, then `deepfake.stages.predict` (`deepfake.predict.predict`)."""
 
 import sys
 

@@ -1,4 +1,5 @@
-"""Ray job entrypoint: retrain the shipped model, every stage, then evaluate it (`python -m rayjobs.reproduce ARGS`)."""
+"""Ray job entrypoint: retrain the shipped model, every stage, then evaluate it (`python -m rayjobs.reproduce
+--data PATH --out DIR [--recipe NAME] [train options]`): `deepfake.stages.reproduce`."""
 
 import sys
 

@@ -1,4 +1,5 @@
-"""Ray job entrypoint: `deepfake train ARGS` on the cluster (`python -m rayjobs.train ARGS`)."""
+"""Ray job entrypoint: Ray Train on the cluster, then the model export (`python -m rayjobs.train ARGS`, the
+options of `deepfake train`): the stage's own parser, then `deepfake.stages.train`, which calls `deepfake.train.fit`."""
 
 import sys
 

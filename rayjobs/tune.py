@@ -1,4 +1,5 @@
-"""Ray job entrypoint: `deepfake tune ARGS` on the cluster (`python -m rayjobs.tune ARGS`)."""
+"""Ray job entrypoint: the Ray Tune search on the cluster (`python -m rayjobs.tune ARGS`, the options of
+`deepfake tune`): the stage's own parser, then `deepfake.stages.tune`, which calls `deepfake.tune.run_search`."""
 
 import sys
 

@@ -40,6 +40,20 @@ def test_card_is_generated_from_metadata(tmp_path):
     assert ck.render_card(meta) == card
 
 
+def test_card_command_records_limitations_and_regenerates_the_card(tmp_path, capsys):
+    from deepfake.cli import main
+
+    _, d = _save(tmp_path)
+    (tmp_path / "lim.txt").write_text("Only measured on 32x32 images.\n")
+    assert main(["card", str(d), "--limitations", f"@{tmp_path / 'lim.txt'}"]) == 0
+    assert ck.read_metadata(d)["limitations"] == "Only measured on 32x32 images."
+    assert "Only measured on 32x32 images." in (d / "README.md").read_text() in capsys.readouterr().out
+    (d / "README.md").write_text("edited by hand")
+    assert main(["card", str(d)]) == 0  # without --limitations: the card again, from the metadata as it is
+    assert ck.read_metadata(d)["limitations"] == "Only measured on 32x32 images."
+    assert (d / "README.md").read_text() == ck.render_card(ck.read_metadata(d))
+
+
 def test_corrupt_weights_are_a_clear_error(tmp_path):
     _, d = _save(tmp_path)
     (d / "model.safetensors").write_bytes(b"garbage" * 10)

@@ -71,6 +71,36 @@ def test_exit_codes_and_log_tail():
     assert jobs.log_tail(logs, 3) == "line 97\nline 98\nline 99"
 
 
+def test_job_entrypoints_parse_with_the_stage_parser_and_call_the_stage_function(monkeypatch, capsys):
+    """`python -m rayjobs.train ARGS` runs `deepfake.train.fit` with the config the same flags give the command,
+    without the command line's parser; a bad flag fails before any work."""
+    from deepfake import cli
+
+    calls = []
+
+    def fake_fit(cfg, address=None, overwrite=False):
+        calls.append((cfg, address, overwrite))
+        return {"run": "r", "model_dir": "m", "metrics": {"epoch": 1, "val_acc": 0.5}}
+
+    monkeypatch.setattr("deepfake.train.fit", fake_fit)
+    argv = ["--data", "/d", "--epochs", "3", "--set", "train.lr=0.125", "--overwrite", "--address", "auto"]
+    assert stages.run_job("train", argv) == 0
+    ((cfg, address, overwrite),) = calls
+    assert (cfg.data.path, cfg.train.epochs, cfg.train.lr, address, overwrite) == ("/d", 3, 0.125, "auto", True)
+    assert json.loads(capsys.readouterr().out)["model_dir"] == "m"
+    # `deepfake train` reads the same options (one definition), and gives fit the same config
+    assert cli.main(["train", *argv]) == 0 and calls[1][0] == cfg
+    for job in ("train", "tune", "evaluate", "predict"):
+        options = {o for a in stages.stage_parser(job)._actions for o in a.option_strings}
+        sub = next(a for a in cli.build_parser()._actions if a.dest == "command").choices[job]
+        assert options == {o for a in sub._actions for o in a.option_strings}, job
+    with pytest.raises(SystemExit) as e:
+        stages.run_job("train", ["--epochz", "3"])
+    assert e.value.code == 2 and len(calls) == 2
+    assert stages.run_job("train", ["--set", "nokey"]) == 2  # a user's error: exit 2 with the reason, no traceback
+    assert stages.run_job("bogus", []) == 2
+
+
 def test_serve_config_overrides():
     from deepfake.config import ConfigError
     from deepfake.serve import serve_config_overrides
