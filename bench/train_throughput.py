@@ -2,7 +2,11 @@
 
 Same model, image size, global batch, data and epoch loop (`deepfake.train.train_one_epoch`); equal total
 cores (the plain loop gets all of them as torch threads; Ray workers split them). Figures are steady-state
-images/s of the last epoch, so Ray's worker start-up (reported separately) does not count against it.
+images/s: the median of the epochs after the first (the first alone when there is one), so Ray's worker
+start-up (reported separately) and the first epoch's warm-up do not count. Epochs of a few seconds (the small
+sample) are noise; use a slice of the train split for a figure:
+
+    python bench/train_throughput.py --data ../shared/data/cifake_train.tar.gz --max-per-class 2500 --epochs 4
 
     python bench/train_throughput.py --data ../shared/data/cifake_small.tar.gz
 """
@@ -53,6 +57,11 @@ def base_config(args: argparse.Namespace) -> Config:
     return cfg
 
 
+def steady(rates: list[float]) -> float:
+    """Images/s of a run: the median of its epochs after the first (which pays warm-up)."""
+    return float(np.median(rates[1:] if len(rates) > 1 else rates))
+
+
 def plain_loop(cfg: Config, cores: int) -> dict:
     torch.set_num_threads(cores)
     torch.manual_seed(0)
@@ -68,7 +77,7 @@ def plain_loop(cfg: Config, cores: int) -> dict:
             model, loader, opt, sched, nn.CrossEntropyLoss(), torch.device("cpu"), "off", epoch=epoch
         )
         rates.append(stats.count / stats.seconds)
-    return {"images_per_s": rates[-1], "per_epoch": rates, "threads": cores}
+    return {"images_per_s": steady(rates), "per_epoch": rates, "threads": cores}
 
 
 def ray_train(cfg: Config, workers: int, cores: int, tag: str) -> dict:
@@ -81,7 +90,7 @@ def ray_train(cfg: Config, workers: int, cores: int, tag: str) -> dict:
     rates = [h["train_images_per_s"] for h in out["history"]]
     train_time = sum(h["epoch_seconds"] for h in out["history"])
     return {
-        "images_per_s": rates[-1],
+        "images_per_s": steady(rates),
         "per_epoch": rates,
         "workers": workers,
         "cpus_per_worker": cfg.train.cpus_per_worker,
