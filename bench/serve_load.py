@@ -245,6 +245,13 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=60)
     ap.add_argument("--warmup", type=float, default=5, help="seconds of load before measuring (autoscaling)")
     ap.add_argument(
+        "--settle",
+        type=float,
+        default=90,
+        help="then up to this many seconds more, until the app's Ingress replicas are all RUNNING and stable "
+        "(0: measure right after --warmup, replicas the autoscaler starts then included)",
+    )
+    ap.add_argument(
         "--detector-cpus", type=float, help="logical CPUs per Ingress replica (it runs the model) (overrides config)"
     )
     ap.add_argument("--detector-threads", type=int, help="torch threads per Ingress replica (overrides config)")
@@ -382,6 +389,7 @@ def main() -> int:
     for clients in [int(c) for c in args.clients.split(",")]:
         if args.warmup:
             asyncio.run(run_clients(url, images, clients, args.warmup))
+        settled = settle(url, images, clients, app_name, args.settle) if args.settle else None
         with HAProxyPeakRSS() as rss:
             res = asyncio.run(
                 run_clients(url, images, clients, args.duration, honour_retry_after=args.honour_retry_after)
@@ -389,6 +397,7 @@ def main() -> int:
         res["haproxy_peak_rss_mb"] = rss.peak_mb
         res["detector"] = _stats(url)
         res["model_replicas"] = _replica_count(app_name)
+        res["settle"] = settled
         log.info("%s", json.dumps(res))
         report["runs"].append(res)
 
@@ -503,18 +512,26 @@ def one_hop_runs(spec: dict, app_name: str, model_dir: str, images: list[bytes],
     http = spec["http_options"]
     url = f"http://127.0.0.1:{http['port']}/onehop"
     _wait_healthy(url)
-    out = {"app": "bench/one_hop_app.py", **client_runs("one hop", url, images, clients, args)}
+    out = {"app": "bench/one_hop_app.py", **client_runs("one hop", url, images, clients, args, ("onehop", "OneHop"))}
     serve.delete("onehop")
     return out
 
 
-def client_runs(what: str, url: str, images: list[bytes], clients: list[int], args) -> dict:
-    """One run per client count (after its warm-up), then a lone client's, against a server other than the app."""
+def client_runs(
+    what: str, url: str, images: list[bytes], clients: list[int], args, serve_app: tuple[str, str] | None = None
+) -> dict:
+    """One run per client count (after its warm-up), then a lone client's, against a server other than the app
+    (a Serve app, `serve_app` = (app, deployment), first settles as the shipped app does)."""
     out: dict = {"runs": []}
     for n in clients:
         if args.warmup:
             asyncio.run(run_clients(url, images, n, args.warmup))
+        settled = (
+            settle(url, images, n, *serve_app[:1], args.settle, serve_app[1]) if serve_app and args.settle else None
+        )
         res = asyncio.run(run_clients(url, images, n, args.duration))
+        if settled:
+            res["settle"] = settled
         log.info("%s: %s", what, json.dumps(res))
         out["runs"].append(res)
     if args.single_seconds:
@@ -586,12 +603,36 @@ def _stats(url: str) -> dict:
         return {"error": str(e)}
 
 
-def _replica_count(app: str) -> dict | None:
+def settle(
+    url: str,
+    images: list[bytes],
+    clients: int,
+    app: str,
+    limit_s: float,
+    deployment: str = "Ingress",
+    chunk_s: float = 5.0,
+) -> dict:
+    """Keep the load on until Serve's autoscaler is done: every Ingress replica RUNNING and their number the
+    same after one more chunk (and at least three chunks, past upscale_delay_s), so the measured run is the
+    steady state. A replica that starts during the run costs its start-up CPU (torch import, model load and
+    trace, warm-up) in the middle of it: 108-140 req/s measured that way, 195-204 with both replicas up."""
+    start, previous, states, chunks = time.perf_counter(), None, None, 0
+    while time.perf_counter() - start < limit_s:
+        asyncio.run(run_clients(url, images, clients, chunk_s))
+        chunks += 1
+        states = _replica_count(app, deployment)
+        if states is None or (chunks >= 3 and set(states) == {"RUNNING"} and states == previous):
+            break
+        previous = states
+    return {"seconds": round(time.perf_counter() - start, 1), "replicas": states}
+
+
+def _replica_count(app: str, deployment: str = "Ingress") -> dict | None:
     """Ingress replicas (each with the model) by state (RUNNING, STARTING, ...) as Serve reports them."""
     try:
         from ray import serve
 
-        states = serve.status().applications[app].deployments["Ingress"].replica_states
+        states = serve.status().applications[app].deployments[deployment].replica_states
         return {str(getattr(k, "value", k)): v for k, v in states.items()}
     except Exception:  # noqa: BLE001 - only informative
         return None
