@@ -609,8 +609,9 @@ SHUTDOWN_GRACE_S = 60.0  # Serve's graceful shutdown gives replicas 30 s to drai
 def stop_local(ports: list[int], embedded: bool, grace_s: float = SHUTDOWN_GRACE_S) -> None:
     """Ctrl-C/SIGTERM of `deepfake serve`: Serve's graceful shutdown, then Ray's; on the Ray it started, an
     HAProxy left behind (it runs in a session of its own) is stopped too. A shutdown that has not finished
-    after `grace_s` (seen once in a clean-clone CI run), or a second Ctrl-C, kills what is left instead: on its
-    own Ray every process below this one, then exits."""
+    after `grace_s` (seen once in a clean-clone CI run), or a second Ctrl-C or SIGTERM, kills what is left
+    instead: on its own Ray every process below this one, then exits. Ray's processes still running after its
+    shutdown (its agents poll for their dead raylet for 30-120 s) are stopped too."""
     import os
     import signal
     import threading
@@ -635,15 +636,54 @@ def stop_local(ports: list[int], embedded: bool, grace_s: float = SHUTDOWN_GRACE
     ).start()
     main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGINT, lambda *_: hard_stop("a second Ctrl-C")) if main else None
+    previous_term = signal.signal(signal.SIGTERM, lambda *_: hard_stop("SIGTERM during shutdown")) if main else None
+    ours = process_ids(descendants(os.getpid())) if embedded else {}  # Ray's processes, before any is reparented
     try:
         serve.shutdown()  # graceful (replicas drain; Serve gives up after 30 s); stopping Ray first hung in CI
         ray.shutdown()
         if embedded:
             reap_orphaned_haproxies(ports, message="HAProxy %d outlived the Ray it served on port(s) %s; stopping it")
+            stop_survivors(ours)
     finally:
         done.set()
         if main:
             signal.signal(signal.SIGINT, previous)
+            signal.signal(signal.SIGTERM, previous_term)
+
+
+def process_ids(pids: list[int]) -> dict[int, str]:
+    """pid -> its start time (/proc/PID/stat field 22), so a pid the kernel reuses later is never mistaken."""
+    out = {}
+    for pid in pids:
+        fields = _stat(pid)
+        if len(fields) > 19:
+            out[pid] = fields[19]
+    return out
+
+
+def stop_survivors(processes: dict[int, str], wait_s: float = 5.0) -> list[int]:
+    """The processes of `process_ids` still running after Ray's shutdown (its dashboard and runtime-env agents,
+    reparented to init when the raylet exits, poll for their parent and linger 30-120 s): SIGTERM, then SIGKILL
+    after `wait_s`. Returns the pids it had to stop."""
+    import os
+    import signal
+
+    def running() -> list[int]:
+        return [p for p, started in processes.items() if _alive(p) and process_ids([p]).get(p) == started]
+
+    deadline = time.monotonic() + wait_s
+    while (left := running()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in running():
+            with contextlib.suppress(OSError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + wait_s
+        while running() and time.monotonic() < deadline:
+            time.sleep(0.1)
+    if left:
+        log.info("stopped %d of Ray's processes that outlived its shutdown: %s", len(left), left)
+    return left
 
 
 def descendants(pid: int) -> list[int]:
@@ -749,6 +789,20 @@ def warn_if_open(spec: dict[str, Any]) -> bool:
     return True
 
 
+def stop_on_sigterm() -> None:
+    """SIGTERM (systemd, Kubernetes, `kill`) stops the server as Ctrl-C does, through run_local's shutdown.
+    Set after Ray starts: its driver installs a handler of its own that prints a stack and dies at once, which
+    left the replicas and Ray's agents running."""
+    import signal
+    import threading
+
+    def terminate(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, terminate)
+
+
 def run_local(
     config: str | None = None,
     model: str | None = None,
@@ -780,6 +834,7 @@ def run_local(
     warn_if_open(spec)
     try:
         url = start_local(spec, address=address, http_path=http_path)
+        stop_on_sigterm()
         logging.getLogger("deepfake").info("serving %s at %s/ (Ctrl-C to stop)", spec["args"].get("model"), url)
         ports = sorted({n.get("MetricsExportPort") or 0 for n in ray.nodes() if n.get("Alive")} - {0, -1})
         if ports:

@@ -24,8 +24,9 @@ def test_deepfake_serve_takes_the_fast_http_path(trained_model_dir, sample_dir, 
     """`deepfake serve` on its embedded Ray: HAProxy answers on the configured port and forwards to the
     Ingress replica's own HTTP server; predict and the web page work through it; one of its two Ingress
     replicas killed under load: no request fails. Killed with SIGKILL, it
-    restarts on the same port (the HAProxy it left is stopped); Ctrl-C leaves nothing behind."""
-    from deepfake.serve import orphaned_haproxies
+    restarts on the same port (the HAProxy it left is stopped); SIGTERM (the same shutdown as Ctrl-C) leaves no
+    process behind."""
+    from deepfake.serve import _alive, _proc_text, descendants, orphaned_haproxies, process_ids
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -82,9 +83,14 @@ def test_deepfake_serve_takes_the_fast_http_path(trained_model_dir, sample_dir, 
         assert httpx.post(f"{url}/predict", content=img, timeout=60).status_code == 200
         # the Ingress answers through HAProxy before Serve calls the app ready; a user presses Ctrl-C after
         _wait_for_line(tmp_path / "serve.log", "(Ctrl-C to stop)", count=ready_lines + 1, timeout=120)
-        proc.send_signal(signal.SIGINT)  # Ctrl-C: deepfake serve shuts Serve down, HAProxy included
-        assert proc.wait(timeout=120) in (0, 130)
+        app_processes = process_ids(descendants(proc.pid))
+        # SIGTERM (as systemd or Kubernetes stop it) takes Ctrl-C's path: Serve shut down, HAProxy included
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 128 + signal.SIGTERM
         assert not any(f":{port}" in text for _, text in _haproxy_configs())
+        # and no process of the app outlives it (Ray's agents used to linger for 30-120 s)
+        left = [p for p, t in app_processes.items() if _alive(p) and process_ids([p]).get(p) == t]
+        assert len(app_processes) > 5 and not left, [_proc_text(p, "cmdline")[:80] for p in left]
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -184,6 +190,29 @@ def test_http_path_falls_back_to_the_proxy_when_haproxys_ports_are_taken(monkeyp
     assert Path(fast["RAY_SERVE_HAPROXY_BINARY_PATH"]).name == "haproxy-loopback"  # its side listeners: loopback
     with pytest.raises(ConfigError, match="expected one of"):
         http_path_env("nginx")
+
+
+def test_stop_survivors_stops_what_outlives_the_shutdown_and_nothing_else():
+    from deepfake.serve import _alive, process_ids, stop_survivors
+
+    stubborn = subprocess.Popen(
+        [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(120)"]
+    )
+    polite = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        gone.wait(timeout=30)
+        time.sleep(0.5)  # the interpreters have installed their handlers
+        ids = process_ids([stubborn.pid, polite.pid, gone.pid, other.pid])
+        ids[other.pid] = "1"  # a pid whose start time differs: another process now, never touched
+        assert sorted(stop_survivors(ids, wait_s=1.0)) == sorted([stubborn.pid, polite.pid])
+        assert stubborn.wait(timeout=30) == -signal.SIGKILL and polite.wait(timeout=30) == -signal.SIGTERM
+        assert _alive(other.pid) and other.poll() is None
+    finally:
+        for p in (stubborn, polite, other):
+            p.kill()
+            p.wait()
 
 
 def test_descendants_finds_children_and_grandchildren():
