@@ -8,6 +8,7 @@ A given address is probed first, so a cluster that does not answer fails in seco
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import socket
@@ -82,6 +83,7 @@ def probe(address: str, timeout_s: float = PROBE_TIMEOUT_S) -> None:
         ) from None
 
 
+_EMBEDDED: dict[str, bool] = {}  # set once this process has started an embedded Ray (stop_embedded at exit)
 _DASHBOARD: dict[str, str] = {}  # the dashboard of the cluster connect() joined or started ('' when it has none)
 
 
@@ -130,6 +132,9 @@ def connect(
             kwargs.update({**EMBEDDED_OPTIONS, **(options or {}), "num_cpus": num_cpus})
         context = ray.init(address=target or LOCAL, namespace=namespace, **kwargs)
         _DASHBOARD["url"] = getattr(context, "dashboard_url", None) or ""
+        if target is None and not _EMBEDDED:
+            atexit.register(stop_embedded)  # runs before Ray's own atexit shutdown (registered earlier)
+            _EMBEDDED["stop_at_exit"] = True
     finally:
         if saved is not None:
             os.environ["RAY_ADDRESS"] = saved
@@ -141,7 +146,25 @@ def disconnect() -> None:
     import ray
 
     if ray.is_initialized():
-        ray.shutdown()
+        if _EMBEDDED:
+            stop_embedded()
+        else:
+            ray.shutdown()
+
+
+def stop_embedded() -> None:
+    """Ray's shutdown, then any of its processes below this one that still run stopped: its agents poll for
+    their dead raylet for 30-120 s, and an actor whose exit hangs after its core worker is gone (a Ray Train
+    TrainController was seen so) would stay for good. Also at exit, for the commands that never disconnect."""
+    import ray
+
+    from deepfake.processes import descendants, proc_text, process_ids, stop_survivors
+
+    if not ray.is_initialized():
+        return
+    ours = process_ids([p for p in descendants(os.getpid()) if "ray" in proc_text(p, "cmdline")])
+    ray.shutdown()
+    stop_survivors(ours, wait_s=1.0)
 
 
 def cluster_resources() -> dict[str, float]:

@@ -33,6 +33,7 @@ from deepfake.config import REPO_ROOT, locate
 from deepfake.detector import MAX_MODELS_PER_REPLICA, dummy_images, replica_id
 from deepfake.images import MAX_PIXELS
 from deepfake.ingress import Ingress
+from deepfake.processes import alive, descendants, parent_pid, proc_text, process_ids, stop_survivors
 from deepfake.provenance import load_trust
 
 log = logging.getLogger("ray.serve")
@@ -551,37 +552,12 @@ def _haproxy_side_ports() -> list[int]:
     ]
 
 
-def _stat(pid: int | str) -> list[str]:
-    """/proc/PID/stat's fields after the command name (state, ppid, ...); [] when it cannot be read."""
-    stat = _proc_text(pid, "stat")
-    return stat[stat.rindex(")") + 2 :].split() if ")" in stat else []
-
-
-def _alive(pid: int | str) -> bool:
-    """Running, not a zombie (an orphan's zombie stays in /proc until its new parent reaps it)."""
-    fields = _stat(pid)
-    return bool(fields) and fields[0] != "Z"
-
-
-def _ppid(pid: int | str) -> int:
-    """The parent of `pid` (0 when it cannot be read: gone, or no /proc)."""
-    fields = _stat(pid)
-    return int(fields[1]) if fields else 0
-
-
-def _proc_text(pid: int | str, name: str) -> str:
-    try:
-        return Path(f"/proc/{pid}/{name}").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
 def haproxy_pids() -> list[int]:
     """Pids of this machine's running HAProxy processes (by /proc/PID/comm)."""
     return [
         int(c.parent.name)
         for c in Path("/proc").glob("[0-9]*/comm")
-        if _proc_text(c.parent.name, "comm").strip() == "haproxy"
+        if proc_text(c.parent.name, "comm").strip() == "haproxy"
     ]
 
 
@@ -591,13 +567,13 @@ def orphaned_haproxies(ports: list[int]) -> list[int]:
     the port and answers 500 to everything). A live Serve's HAProxy has a live Ray process as its parent."""
     found = []
     for pid in haproxy_pids():
-        args = _proc_text(pid, "cmdline").split()
+        args = proc_text(pid, "cmdline").split()
         configs = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "-f"]
         text = "".join(Path(c).read_text(errors="replace") for c in configs if Path(c).is_file())
         if not any(f":{port}\n" in text or f":{port} " in text for port in ports):
             continue
-        ppid = _ppid(pid)
-        parent = _proc_text(ppid, "cmdline")
+        ppid = parent_pid(pid)
+        parent = proc_text(ppid, "cmdline")
         if ppid <= 1 or "ray" not in parent:
             found.append(int(pid))
     return found
@@ -651,54 +627,6 @@ def stop_local(ports: list[int], embedded: bool, grace_s: float = SHUTDOWN_GRACE
             signal.signal(signal.SIGTERM, previous_term)
 
 
-def process_ids(pids: list[int]) -> dict[int, str]:
-    """pid -> its start time (/proc/PID/stat field 22), so a pid the kernel reuses later is never mistaken."""
-    out = {}
-    for pid in pids:
-        fields = _stat(pid)
-        if len(fields) > 19:
-            out[pid] = fields[19]
-    return out
-
-
-def stop_survivors(processes: dict[int, str], wait_s: float = 5.0) -> list[int]:
-    """The processes of `process_ids` still running after Ray's shutdown (its dashboard and runtime-env agents,
-    reparented to init when the raylet exits, poll for their parent and linger 30-120 s): SIGTERM, then SIGKILL
-    after `wait_s`. Returns the pids it had to stop."""
-    import os
-    import signal
-
-    def running() -> list[int]:
-        return [p for p, started in processes.items() if _alive(p) and process_ids([p]).get(p) == started]
-
-    deadline = time.monotonic() + wait_s
-    while (left := running()) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in running():
-            with contextlib.suppress(OSError):
-                os.kill(pid, sig)
-        deadline = time.monotonic() + wait_s
-        while running() and time.monotonic() < deadline:
-            time.sleep(0.1)
-    if left:
-        log.info("stopped %d of Ray's processes that outlived its shutdown: %s", len(left), left)
-    return left
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below `pid` (children first, then theirs), read from /proc; [] where there is no /proc."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        children.setdefault(_ppid(stat.parent.name), []).append(int(stat.parent.name))
-    out, todo = [], [pid]
-    while todo:
-        kids = children.get(todo.pop(0), [])
-        out += kids
-        todo += kids
-    return out
-
-
 def reap_orphaned_haproxies(
     ports: list[int], message: str = "stopping HAProxy %d left on port(s) %s by a Serve that is gone"
 ) -> list[int]:
@@ -712,7 +640,7 @@ def reap_orphaned_haproxies(
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + 5
-    while pids and time.monotonic() < deadline and any(_alive(p) for p in pids):
+    while pids and time.monotonic() < deadline and any(alive(p) for p in pids):
         time.sleep(0.1)
     for pid in pids:
         with contextlib.suppress(OSError):

@@ -118,3 +118,27 @@ def test_stale_ray_current_cluster_does_not_capture_a_local_run(tmp_path):
         assert len(csv.read_text().strip().splitlines()) == 1 + 3
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_an_embedded_ray_leaves_no_process_behind_at_exit():
+    """A command that starts its own Ray and just exits (as `deepfake train` / `predict` do) leaves none of Ray's
+    processes running: Ray's agents otherwise poll for their dead raylet for 30-120 s."""
+    code = (
+        "import json, os, ray\n"
+        "from deepfake.cluster import connect\n"
+        "from deepfake.processes import descendants, process_ids\n"
+        "connect(num_cpus=1)\n"
+        "assert ray.get(ray.remote(lambda: 1).remote()) == 1\n"
+        "print(json.dumps(process_ids(descendants(os.getpid()))))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    import json
+
+    from deepfake.processes import alive, proc_text, process_ids
+
+    started = {int(p): t for p, t in json.loads(out.stdout.strip().splitlines()[-1]).items()}
+    left = [p for p, t in started.items() if alive(p) and process_ids([p]).get(p) == t]
+    assert len(started) >= 4 and not left, [proc_text(p, "cmdline")[:80] for p in left]

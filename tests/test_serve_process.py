@@ -26,7 +26,8 @@ def test_deepfake_serve_takes_the_fast_http_path(trained_model_dir, sample_dir, 
     replicas killed under load: no request fails. Killed with SIGKILL, it
     restarts on the same port (the HAProxy it left is stopped); SIGTERM (the same shutdown as Ctrl-C) leaves no
     process behind."""
-    from deepfake.serve import _alive, _proc_text, descendants, orphaned_haproxies, process_ids
+    from deepfake.processes import alive, descendants, proc_text, process_ids
+    from deepfake.serve import orphaned_haproxies
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -89,8 +90,8 @@ def test_deepfake_serve_takes_the_fast_http_path(trained_model_dir, sample_dir, 
         assert proc.wait(timeout=120) == 128 + signal.SIGTERM
         assert not any(f":{port}" in text for _, text in _haproxy_configs())
         # and no process of the app outlives it (Ray's agents used to linger for 30-120 s)
-        left = [p for p, t in app_processes.items() if _alive(p) and process_ids([p]).get(p) == t]
-        assert len(app_processes) > 5 and not left, [_proc_text(p, "cmdline")[:80] for p in left]
+        left = [p for p, t in app_processes.items() if alive(p) and process_ids([p]).get(p) == t]
+        assert len(app_processes) > 5 and not left, [proc_text(p, "cmdline")[:80] for p in left]
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -105,7 +106,7 @@ def test_deepfake_serve_takes_the_fast_http_path(trained_model_dir, sample_dir, 
 def _wait_for_replicas(root: int, app: str, deployment: str, n: int, timeout: float) -> list[int]:
     """Pids of the app's running `deployment` replicas below process `root` (by their process title), once
     there are `n`."""
-    from deepfake.serve import descendants
+    from deepfake.processes import descendants
 
     title = f"ray::ServeReplica:{app}:{deployment}".encode()
     deadline = time.monotonic() + timeout
@@ -193,7 +194,7 @@ def test_http_path_falls_back_to_the_proxy_when_haproxys_ports_are_taken(monkeyp
 
 
 def test_stop_survivors_stops_what_outlives_the_shutdown_and_nothing_else():
-    from deepfake.serve import _alive, process_ids, stop_survivors
+    from deepfake.processes import alive, process_ids, stop_survivors
 
     stubborn = subprocess.Popen(
         [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(120)"]
@@ -208,7 +209,7 @@ def test_stop_survivors_stops_what_outlives_the_shutdown_and_nothing_else():
         ids[other.pid] = "1"  # a pid whose start time differs: another process now, never touched
         assert sorted(stop_survivors(ids, wait_s=1.0)) == sorted([stubborn.pid, polite.pid])
         assert stubborn.wait(timeout=30) == -signal.SIGKILL and polite.wait(timeout=30) == -signal.SIGTERM
-        assert _alive(other.pid) and other.poll() is None
+        assert alive(other.pid) and other.poll() is None
     finally:
         for p in (stubborn, polite, other):
             p.kill()
@@ -217,7 +218,7 @@ def test_stop_survivors_stops_what_outlives_the_shutdown_and_nothing_else():
 
 def test_descendants_finds_children_and_grandchildren():
     """What a hard stop of `deepfake serve` kills on its own Ray: every process below it, grandchildren too."""
-    from deepfake.serve import descendants
+    from deepfake.processes import descendants
 
     child = subprocess.Popen([sys.executable, "-c", "import subprocess; subprocess.run(['sleep', '30'])"])
     try:
