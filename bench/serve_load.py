@@ -526,9 +526,7 @@ def client_runs(
     for n in clients:
         if args.warmup:
             asyncio.run(run_clients(url, images, n, args.warmup))
-        settled = (
-            settle(url, images, n, *serve_app[:1], args.settle, serve_app[1]) if serve_app and args.settle else None
-        )
+        settled = settle(url, images, n, serve_app[0], args.settle, serve_app[1]) if serve_app and args.settle else None
         res = asyncio.run(run_clients(url, images, n, args.duration))
         if settled:
             res["settle"] = settled

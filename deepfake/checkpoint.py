@@ -374,10 +374,11 @@ def write_metadata(model_dir: str | Path, meta: dict[str, Any]) -> None:
 def record_limitations(model_dir: str | Path, text: str) -> None:
     """Write what the model (or ensemble) is not evidence of into its metadata, and so into its card."""
     d = Path(model_dir)
-    meta = read_ensemble(d) if is_ensemble(d) else read_metadata(d)
+    ensemble = is_ensemble(d)
+    meta = read_ensemble(d) if ensemble else read_metadata(d)
     meta["limitations"] = text
     meta.pop("limitations_generated", None)
-    write_ensemble(d, meta) if is_ensemble(d) else write_metadata(d, meta)
+    write_ensemble(d, meta) if ensemble else write_metadata(d, meta)
 
 
 def _pct(x: Any) -> str:

@@ -60,6 +60,11 @@ def process_ids(pids: list[int]) -> dict[int, str]:
     return out
 
 
+def still_running(processes: dict[int, str]) -> list[int]:
+    """The pids of `process_ids` that still run as the same processes (same start time, not zombies)."""
+    return [p for p, started in processes.items() if alive(p) and process_ids([p]).get(p) == started]
+
+
 def stop_survivors(processes: dict[int, str], wait_s: float = 5.0) -> list[int]:
     """The processes of `process_ids` still running after Ray's shutdown (its dashboard and runtime-env agents,
     reparented to init when the raylet exits, poll for their parent and linger 30-120 s): SIGTERM, then SIGKILL
@@ -67,18 +72,15 @@ def stop_survivors(processes: dict[int, str], wait_s: float = 5.0) -> list[int]:
     import os
     import signal
 
-    def running() -> list[int]:
-        return [p for p, started in processes.items() if alive(p) and process_ids([p]).get(p) == started]
-
     deadline = time.monotonic() + wait_s
-    while (left := running()) and time.monotonic() < deadline:
+    while (left := still_running(processes)) and time.monotonic() < deadline:
         time.sleep(0.2)
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in running():
+        for pid in still_running(processes):
             with contextlib.suppress(OSError):
                 os.kill(pid, sig)
         deadline = time.monotonic() + wait_s
-        while running() and time.monotonic() < deadline:
+        while still_running(processes) and time.monotonic() < deadline:
             time.sleep(0.1)
     if left:
         log.info("stopped %d of Ray's processes that outlived its shutdown: %s", len(left), left)

@@ -33,7 +33,7 @@ from deepfake.config import REPO_ROOT, locate
 from deepfake.detector import MAX_MODELS_PER_REPLICA, dummy_images, replica_id
 from deepfake.images import MAX_PIXELS
 from deepfake.ingress import Ingress
-from deepfake.processes import alive, descendants, parent_pid, proc_text, process_ids, stop_survivors
+from deepfake.processes import alive, descendants, parent_pid, proc_text
 from deepfake.provenance import load_trust
 
 log = logging.getLogger("ray.serve")
@@ -592,7 +592,7 @@ def stop_local(ports: list[int], embedded: bool, grace_s: float = SHUTDOWN_GRACE
     import signal
     import threading
 
-    import ray
+    from deepfake import cluster
 
     def hard_stop(reason: str) -> None:
         log.error("%s: stopping %s at once", reason, "Ray's processes" if embedded else "this driver")
@@ -613,13 +613,11 @@ def stop_local(ports: list[int], embedded: bool, grace_s: float = SHUTDOWN_GRACE
     main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGINT, lambda *_: hard_stop("a second Ctrl-C")) if main else None
     previous_term = signal.signal(signal.SIGTERM, lambda *_: hard_stop("SIGTERM during shutdown")) if main else None
-    ours = process_ids(descendants(os.getpid())) if embedded else {}  # Ray's processes, before any is reparented
     try:
         serve.shutdown()  # graceful (replicas drain; Serve gives up after 30 s); stopping Ray first hung in CI
-        ray.shutdown()
+        cluster.disconnect()  # an embedded Ray: its shutdown, then any of its processes still running stopped
         if embedded:
             reap_orphaned_haproxies(ports, message="HAProxy %d outlived the Ray it served on port(s) %s; stopping it")
-            stop_survivors(ours)
     finally:
         done.set()
         if main:

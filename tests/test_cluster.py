@@ -137,8 +137,8 @@ def test_an_embedded_ray_leaves_no_process_behind_at_exit():
     assert out.returncode == 0, out.stderr[-3000:]
     import json
 
-    from deepfake.processes import alive, proc_text, process_ids
+    from deepfake.processes import proc_text, still_running
 
     started = {int(p): t for p, t in json.loads(out.stdout.strip().splitlines()[-1]).items()}
-    left = [p for p, t in started.items() if alive(p) and process_ids([p]).get(p) == t]
+    left = still_running(started)
     assert len(started) >= 4 and not left, [proc_text(p, "cmdline")[:80] for p in left]

@@ -26,7 +26,7 @@ def test_deepfake_serve_takes_the_fast_http_path(trained_model_dir, sample_dir, 
     replicas killed under load: no request fails. Killed with SIGKILL, it
     restarts on the same port (the HAProxy it left is stopped); SIGTERM (the same shutdown as Ctrl-C) leaves no
     process behind."""
-    from deepfake.processes import alive, descendants, proc_text, process_ids
+    from deepfake.processes import descendants, proc_text, process_ids, still_running
     from deepfake.serve import orphaned_haproxies
 
     port = free_port()
@@ -90,7 +90,7 @@ def test_deepfake_serve_takes_the_fast_http_path(trained_model_dir, sample_dir, 
         assert proc.wait(timeout=120) == 128 + signal.SIGTERM
         assert not any(f":{port}" in text for _, text in _haproxy_configs())
         # and no process of the app outlives it (Ray's agents used to linger for 30-120 s)
-        left = [p for p, t in app_processes.items() if alive(p) and process_ids([p]).get(p) == t]
+        left = still_running(app_processes)
         assert len(app_processes) > 5 and not left, [proc_text(p, "cmdline")[:80] for p in left]
     finally:
         if proc.poll() is None:
