@@ -9,11 +9,12 @@ A given address is probed first, so a cluster that does not answer fails in seco
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from urllib.parse import urlsplit
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,63 @@ GCS_PORT = 6379
 # state"), though it costs 220 MB and 11 processes.
 EMBEDDED_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_enable_metrics_collection": "0"}
 EMBEDDED_OPTIONS: dict[str, object] = {}
+
+
+@contextlib.contextmanager
+def loopback_node() -> Iterator[None]:
+    """While an embedded Ray starts: its node address is 127.0.0.1, so every one of its servers (GCS, raylet,
+    object manager, core workers, agents) listens on loopback only.
+
+    Ray binds its gRPC servers to 127.0.0.1 exactly when the node's address is 127.0.0.1, but on Linux it
+    replaces 127.0.0.1 (even `_node_ip_address="127.0.0.1"`) with the machine's address and listens on every
+    interface. It keeps loopback where multi-node clusters are off, its macOS/Windows default:
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 for the processes it starts, and the same flag, read once at import,
+    in this one. Both are restored afterwards, so a later `ray start` or join from this process is untouched;
+    tests/test_cluster.py fails if a Ray upgrade moves that flag or the binding rule."""
+    from ray._private import ray_constants
+
+    name, saved_env = (
+        ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR,
+        os.environ.get(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR),
+    )
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[name], ray_constants.ENABLE_RAY_CLUSTER = "0", False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
+        if saved_env is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved_env
+
+
+def loopback_serve_replica() -> None:
+    """Keep a Serve replica's inter-deployment gRPC server on loopback when its node is (an embedded Ray).
+
+    Ray 2.60 binds that server to "[::]:0", every interface, with no setting (ray-project/ray#64544), right
+    after the deployment's constructor returns; each deployment's constructor calls this first. On a node with
+    a routable address (a real cluster) it does nothing: replicas on other nodes reach each other there. The
+    one private name is looked up here; if a Ray upgrade moves it, the replica warns and keeps Ray's binding,
+    and tests/test_serve_process.py fails on the listener it then finds."""
+    import ray
+
+    if ray.util.get_node_ip_address() != "127.0.0.1":
+        return
+    from ray.serve._private import replica
+
+    bind = getattr(replica, "add_port_to_grpc_server", None)
+    if bind is None:
+        log.warning("Serve's replica gRPC binding moved in this Ray; its gRPC port listens on every interface")
+        return
+    if getattr(bind, "loopback", False):
+        return
+
+    def loopback(server: object, address: str) -> int:
+        return bind(server, address.replace("[::]", "127.0.0.1", 1))
+
+    loopback.loopback = True  # type: ignore[attr-defined]
+    replica.add_port_to_grpc_server = loopback
 
 
 class ClusterError(ConnectionError):
@@ -130,7 +188,8 @@ def connect(
         kwargs = {"logging_level": logging.WARNING, "log_to_driver": True}
         if target is None:
             kwargs.update({**EMBEDDED_OPTIONS, **(options or {}), "num_cpus": num_cpus})
-        context = ray.init(address=target or LOCAL, namespace=namespace, **kwargs)
+        with loopback_node() if target is None else contextlib.nullcontext():
+            context = ray.init(address=target or LOCAL, namespace=namespace, **kwargs)
         _DASHBOARD["url"] = getattr(context, "dashboard_url", None) or ""
         if target is None and not _EMBEDDED:
             atexit.register(stop_embedded)  # runs before Ray's own atexit shutdown (registered earlier)

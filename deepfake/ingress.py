@@ -32,7 +32,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from deepfake import __version__
+from deepfake import __version__, cluster
 from deepfake.auth import RateLimiter, load_keys
 from deepfake.detector import Detector, Overloaded
 from deepfake.images import MAX_PIXELS, BadImage, decode_image, original_size, pixel_count
@@ -368,6 +368,7 @@ class Ingress:
         from deepfake.checkpoint import is_ensemble, read_ensemble
         from deepfake.inference import scorer_info
 
+        cluster.loopback_serve_replica()
         self.detector = Detector(model_dir, models_dir=settings.get("models_dir"), **detector)
         self.explainer = explainer
         self.models_dir, self.default_name = self.detector.models_dir, self.detector.default_name

@@ -28,6 +28,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
+from deepfake import cluster
 from deepfake.auth import load_keys
 from deepfake.config import REPO_ROOT, locate
 from deepfake.detector import MAX_MODELS_PER_REPLICA, dummy_images, replica_id
@@ -151,6 +152,7 @@ class Explainer:
     ):
         from deepfake.inference import load_scorer
 
+        cluster.loopback_serve_replica()
         self.load_kw = {"device": device, "operating_point": operating_point}
         self.predictor = load_scorer(model_dir, **self.load_kw)
         self.default_name = Path(model_dir).name
@@ -592,8 +594,6 @@ def stop_local(ports: list[int], embedded: bool, grace_s: float = SHUTDOWN_GRACE
     import signal
     import threading
 
-    from deepfake import cluster
-
     def hard_stop(reason: str) -> None:
         log.error("%s: stopping %s at once", reason, "Ray's processes" if embedded else "this driver")
         if embedded:
@@ -661,8 +661,6 @@ def _port_free(port: int) -> bool:
 def start_local(spec: dict[str, Any], address: str | None = None, http_path: str = "auto") -> str:
     """Deploy `spec` (from load_serve_config) on an embedded (or given) Ray; returns the app URL."""
     import ray
-
-    from deepfake import cluster
 
     fresh = not ray.is_initialized() and cluster.is_embedded(address)
     if fresh and http_path != "proxy" and sys.platform.startswith("linux"):
@@ -744,8 +742,6 @@ def run_local(
 ) -> None:
     """`deepfake serve`: deploy the config's application and block until Ctrl-C."""
     import ray
-
-    from deepfake import cluster
 
     spec = load_serve_config(find_config(config), model=model, port=port, host=host, operating_point=operating_point)
     if c2pa_trust:

@@ -59,6 +59,50 @@ def free_ports(n: int = 1) -> list[int]:
     raise RuntimeError(f"no {n} free ports in 20000-32767")
 
 
+def tcp_listeners() -> dict[int, tuple[str, int]]:
+    """Every listening TCP socket on the machine: socket inode -> (local address, port), from /proc/net/tcp and
+    tcp6 (0.0.0.0 and :: included; an IPv4-mapped IPv6 address is given as IPv4)."""
+    import ipaddress
+
+    found = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] != "0A":  # LISTEN
+                continue
+            addr, hexport = fields[1].split(":")
+            raw = bytes.fromhex(addr)
+            # the kernel prints each 32-bit word in host (little-endian) order
+            ip = ipaddress.ip_address(b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4)))
+            ip = getattr(ip, "ipv4_mapped", None) or ip
+            found[int(fields[9])] = (str(ip), int(hexport, 16))
+    return found
+
+
+def listeners_of(pids) -> set[tuple[str, int]]:
+    """(address, port) of the TCP sockets these processes listen on (their fds that are listening sockets)."""
+    table, found = tcp_listeners(), set()
+    for pid in pids:
+        try:
+            fds = list(Path(f"/proc/{pid}/fd").iterdir())
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:[") and int(target[8:-1]) in table:
+                found.add(table[int(target[8:-1])])
+    return found
+
+
+def is_loopback(address: str) -> bool:
+    import ipaddress
+
+    return ipaddress.ip_address(address).is_loopback
+
+
 @pytest.fixture(scope="session")
 def sample_dir() -> Path:
     return SAMPLE_DIR

@@ -16,6 +16,7 @@ import pytest
 from deepfake import cluster
 from deepfake.config import REPO_ROOT
 from deepfake.data import SAMPLE_DIR
+from tests.conftest import is_loopback
 
 
 def _dead_port() -> int:
@@ -121,24 +122,49 @@ def test_stale_ray_current_cluster_does_not_capture_a_local_run(tmp_path):
 
 
 @pytest.mark.slow
-def test_an_embedded_ray_leaves_no_process_behind_at_exit():
+def test_an_embedded_ray_listens_on_loopback_only_and_leaves_no_process_behind_at_exit():
     """A command that starts its own Ray and just exits (as `deepfake train` / `predict` do) leaves none of Ray's
-    processes running: Ray's agents otherwise poll for their dead raylet for 30-120 s."""
+    processes running: Ray's agents otherwise poll for their dead raylet for 30-120 s. None of that Ray's servers
+    is reachable from another machine."""
     code = (
         "import json, os, ray\n"
         "from deepfake.cluster import connect\n"
         "from deepfake.processes import descendants, process_ids\n"
         "connect(num_cpus=1)\n"
         "assert ray.get(ray.remote(lambda: 1).remote()) == 1\n"
-        "print(json.dumps(process_ids(descendants(os.getpid()))))\n"
+        "from tests.conftest import listeners_of\n"
+        "ours = process_ids(descendants(os.getpid()))\n"
+        "print(json.dumps(sorted(listeners_of([os.getpid(), *ours]))))\n"
+        "print(json.dumps(ours))\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300, cwd=REPO_ROOT
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     import json
 
     from deepfake.processes import proc_text, still_running
 
-    started = {int(p): t for p, t in json.loads(out.stdout.strip().splitlines()[-1]).items()}
+    lines = out.stdout.strip().splitlines()
+    started = {int(p): t for p, t in json.loads(lines[-1]).items()}
     left = still_running(started)
     assert len(started) >= 4 and not left, [proc_text(p, "cmdline")[:80] for p in left]
+    # and while it ran, every server of its Ray (GCS, raylet, object manager, core workers, agents, dashboard)
+    # listened on loopback only: Ray's default on Linux is every interface (cluster.loopback_node)
+    listening = json.loads(lines[-2])
+    assert len(listening) >= 6 and all(is_loopback(ip) for ip, _ in listening), listening
+
+
+def test_loopback_node_restores_rays_cluster_flag_and_environment(monkeypatch):
+    """The flag that keeps an embedded Ray on loopback is Ray's own (its macOS/Windows default); it holds only
+    while that Ray starts, so a later `ray start` or join from the same process sees the machine's address. Fails
+    loudly if a Ray upgrade renames the flag."""
+    from ray._private import ray_constants, services
+
+    name = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+    monkeypatch.delenv(name, raising=False)
+    assert ray_constants.ENABLE_RAY_CLUSTER
+    with cluster.loopback_node():
+        assert os.environ[name] == "0" and services.resolve_ip_for_localhost("127.0.0.1") == "127.0.0.1"
+    assert name not in os.environ and ray_constants.ENABLE_RAY_CLUSTER

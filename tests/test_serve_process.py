@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.conftest import is_loopback, listeners_of, tcp_listeners
 from tests.test_serve import Traffic, _config_copy, free_port, sample_image, wait_healthy
 
 
@@ -57,6 +58,9 @@ def test_deepfake_serve_takes_the_fast_http_path(trained_model_dir, sample_dir, 
         side = [int(env["RAY_SERVE_HAPROXY_STATS_PORT"]), int(env["RAY_SERVE_HAPROXY_METRICS_PORT"])]
         listening = {p: _listen_addresses(p) for p in [*side, port]}
         assert all(addrs == {"127.0.0.1"} for addrs in listening.values()), listening
+        # and nothing else of the app listens beyond loopback: Ray's own servers included (cluster.loopback_node)
+        app = listeners_of([proc.pid, *descendants(proc.pid)])
+        assert len(app) > 6 and all(is_loopback(ip) for ip, _ in app), app
         # an Ingress replica killed (SIGKILL, as the OOM killer would) while 8 clients keep posting: HAProxy
         # replays what it held on the other replica, and no request fails. A replay needs the whole request in
         # HAProxy's buffer before it is forwarded (wait-for-body, added by the loopback wrapper): without it,
@@ -130,21 +134,8 @@ def _wait_for_line(path: Path, text: str, count: int, timeout: float) -> None:
 
 
 def _listen_addresses(port: int) -> set[str]:
-    """Local addresses with a TCP socket listening on `port` (/proc/net/tcp and tcp6; 0.0.0.0 and :: included)."""
-    import ipaddress
-
-    found = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            local, state = line.split()[1], line.split()[3]
-            addr, hexport = local.split(":")
-            if state != "0A" or int(hexport, 16) != port:  # 0A: LISTEN
-                continue
-            raw = bytes.fromhex(addr)
-            # the kernel prints each 32-bit word in host (little-endian) order
-            raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
-            found.add(str(ipaddress.ip_address(raw)))
-    return found
+    """Local addresses with a TCP socket listening on `port` (0.0.0.0 and :: included)."""
+    return {ip for ip, p in tcp_listeners().values() if p == port}
 
 
 def _haproxy_configs() -> list[tuple[int, str]]:
