@@ -40,6 +40,11 @@ RAY_VARIANTS: dict[str, tuple[dict, dict]] = {  # ray.init options, environment 
     "no_dashboard": ({"include_dashboard": False}, {}),
     "no_metrics": ({"include_dashboard": None}, {"RAY_enable_metrics_collection": "0"}),
     "lean": ({"include_dashboard": False}, {"RAY_enable_metrics_collection": "0"}),
+    # Ray Train's preemption watcher and metrics callbacks back on (deepfake.cluster turns them off)
+    "train_extras": (
+        {"include_dashboard": None},
+        {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "1", "RAY_TRAIN_METRICS_ENABLED": "1"},
+    ),
 }
 
 

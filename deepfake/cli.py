@@ -423,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=cfgmod.LOG_FORMAT,
     )
     return stages.run_guarded(args.func, args)
 

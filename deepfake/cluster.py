@@ -30,10 +30,20 @@ GCS_PORT = 6379
 # Metrics collection is off: nothing scrapes an embedded Ray's metrics (`deepfake serve` turns it back on for its
 # Prometheus metrics). bench/ray_startup.py: the metrics pipeline costs little at idle; bench/train_throughput.py
 # saw Ray Train at 0.79x the plain loop with it and 0.99x without in one run, 0.99x and 0.87x in the next: the
-# 2-core VM's drift (+-12% between plain runs) is larger than the effect. The dashboard stays: Ray Train polls
-# its controller state through it (without it, every run logs "Failed to query Ray Train Controller actor
-# state"), though it costs 220 MB and 11 processes.
-EMBEDDED_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_enable_metrics_collection": "0"}
+# 2-core VM's drift (+-12% between plain runs) is larger than the effect. The dashboard stays: Ray Train's
+# PlacementGroupCleaner asks its State API for the controller's state every second (without it, each of those
+# logs "Failed to query Ray Train Controller actor state"), though it costs 220 MB, 11 processes and about 0.03
+# of a core during training.
+# Ray Train's preemption watcher (an actor polling for spot-node preemption notices) and its metrics callbacks
+# have nothing to do on one machine with metrics off. While a Train worker runs its epochs, every other Ray
+# process here (Train's controller and helper actors, the dashboard, raylet, GCS, log monitor) together took
+# 0.12 of the 2 cores, about 0.01 per idle actor process, and their wake-ups preempt the training threads.
+EMBEDDED_ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_enable_metrics_collection": "0",
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    "RAY_TRAIN_METRICS_ENABLED": "0",
+}
 EMBEDDED_OPTIONS: dict[str, object] = {}
 
 

@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent  # the source checkout (models/, serve_config.yaml, rayjobs/)
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # the CLI, Ray job entrypoints and Train workers
 
 
 class ConfigError(ValueError):

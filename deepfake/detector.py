@@ -109,7 +109,28 @@ class ForwardMerger:
             out = out[len(items) :]
 
 
-class Detector:
+class NamedModels:
+    """Which model a request gets: the default one (loaded at start) when it names none or the default's own
+    name, else a folder of the models directory by name through the class's multiplexed `get_model`. The
+    Detector and the Explainer share this rule."""
+
+    def load_models(self, model_dir: str, models_dir: str | None, **load_kw: Any) -> None:
+        from deepfake.inference import load_scorer
+
+        self.load_kw = load_kw
+        self.predictor = load_scorer(model_dir, **load_kw)
+        self.default_name = Path(model_dir).name
+        self.models_dir = Path(models_dir or Path(model_dir).parent)
+
+    async def get_model(self, name: str) -> Any:
+        raise NotImplementedError
+
+    async def scorer(self, name: str = "") -> Any:
+        """The default model ('') or a named one of the models directory (loaded on first use)."""
+        return self.predictor if not name or name == self.default_name else await self.get_model(name)
+
+
+class Detector(NamedModels):
     """The replica's models: the default one loaded at start, the named ones on first use; one verdict per
     `predict` call, concurrent calls answered by one forward pass per model."""
 
@@ -126,17 +147,12 @@ class Detector:
         models_dir: str | None = None,
         max_queued_images: int = 512,
     ):
-        from deepfake.inference import load_scorer
-
         if threads:
             import torch
 
             torch.set_num_threads(threads)
         # traced: its forward leaves the GIL to the event loop that receives the next requests
-        self.load_kw = {"device": device, "jit": jit, "operating_point": operating_point}
-        self.predictor = load_scorer(model_dir, **self.load_kw)
-        self.default_name = Path(model_dir).name
-        self.models_dir = Path(models_dir or Path(model_dir).parent)
+        self.load_models(model_dir, models_dir, device=device, jit=jit, operating_point=operating_point)
         self.max_batch_size = max_batch_size
         self.max_queued_images = max_queued_images
         self.waiting = 0  # images admitted and not yet answered
@@ -179,10 +195,6 @@ class Detector:
         scorer.merger = ForwardMerger(scorer.predict_images, self.max_batch_size, self.batch_hist.observe)
         log.info("Detector %s loaded model %s: %s", self.replica, name, scorer.version)
         return scorer
-
-    async def scorer(self, name: str = "") -> Any:
-        """The default model ('') or a named one of the models directory (loaded on first use)."""
-        return self.predictor if not name or name == self.default_name else await self.get_model(name)
 
     async def _merger(self, name: str) -> ForwardMerger:
         scorer = await self.scorer(name)

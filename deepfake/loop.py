@@ -20,7 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 from deepfake import checkpoint as ckpt_io
-from deepfake.config import LR_SCHEDULERS, Config, ConfigError, from_dict, one_of
+from deepfake.config import LOG_FORMAT, LR_SCHEDULERS, Config, ConfigError, from_dict, one_of
 from deepfake.data import BlobStore, DataError, ImageDataset
 from deepfake.model import (
     amp_dtype,
@@ -297,7 +297,7 @@ def run_loop(loop_config: dict[str, Any], session: Session) -> None:
     that trains (a progress hook, or a test's injected worker failure)."""
     from torch.utils.data import DataLoader, Subset
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     cfg = from_dict(loop_config["cfg"])
     rank, world = session.rank, session.world
     if loop_config.get("threads"):

@@ -31,7 +31,7 @@ from ray import serve
 from deepfake import cluster
 from deepfake.auth import load_keys
 from deepfake.config import REPO_ROOT, locate
-from deepfake.detector import MAX_MODELS_PER_REPLICA, dummy_images, replica_id
+from deepfake.detector import MAX_MODELS_PER_REPLICA, NamedModels, dummy_images, replica_id
 from deepfake.images import MAX_PIXELS
 from deepfake.ingress import Ingress
 from deepfake.processes import alive, descendants, parent_pid, proc_text
@@ -138,7 +138,7 @@ def cluster_gpu_count() -> float:
 
 # ---------------------------------------------------------------------------------------------- deployments
 @serve.deployment(name="Explainer", health_check_period_s=10, health_check_timeout_s=60)
-class Explainer:
+class Explainer(NamedModels):
     """Grad-CAM needs gradients and hooks the model, so it gets its own replicas and model copy."""
 
     def __init__(
@@ -150,13 +150,8 @@ class Explainer:
         operating_point: str | None = None,
         models_dir: str | None = None,
     ):
-        from deepfake.inference import load_scorer
-
         cluster.loopback_serve_replica()
-        self.load_kw = {"device": device, "operating_point": operating_point}
-        self.predictor = load_scorer(model_dir, **self.load_kw)
-        self.default_name = Path(model_dir).name
-        self.models_dir = Path(models_dir or Path(model_dir).parent)
+        self.load_models(model_dir, models_dir, device=device, operating_point=operating_point)
         self.explain.set_max_batch_size(max_batch_size)
         self.batch_sizes: Counter[int] = Counter()
         self.largest_input = 0  # bytes of one image's views: what the Ingress ships here
@@ -173,8 +168,7 @@ class Explainer:
         the image as each member reads it (a few kilobytes) and draws the overlay itself."""
         self.batch_sizes[len(items)] += 1
         self.largest_input = max([self.largest_input, *(sum(v.nbytes for v in views) for views, _ in items)])
-        name = serve.get_multiplexed_model_id()
-        scorer = self.predictor if not name or name == self.default_name else await self.get_model(name)
+        scorer = await self.scorer(serve.get_multiplexed_model_id())
         from deepfake.explain import view_cams
 
         return await asyncio.to_thread(view_cams, scorer, [v for v, _ in items], [t for _, t in items])

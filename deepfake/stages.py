@@ -514,7 +514,7 @@ def run_job(job: str, argv: list[str]) -> int:
     if job not in STAGES:
         log.error("unknown job %r: expected one of %s", job, ", ".join(STAGES))
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format=cfgmod.LOG_FORMAT)
     _, func, _ = STAGES[job]
     parser = stage_parser(job)
     args, extra = parser.parse_known_args(argv)
