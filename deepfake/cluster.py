@@ -151,6 +151,30 @@ def probe(address: str, timeout_s: float = PROBE_TIMEOUT_S) -> None:
         ) from None
 
 
+def loopback_only(address: str) -> bool:
+    """Whether `address` is a Ray that listens on loopback only (another process's embedded Ray): a GCS
+    address on loopback whose port does not answer on this machine's own address. Ray would rewrite
+    127.0.0.1 to that address and never reach it, so connect() joins such a Ray as a loopback node too; a
+    `ray start` head answers on both and is joined as Ray does it."""
+    import ipaddress
+
+    if "://" in address or (target := host_port(address)) is None:
+        return False
+    try:
+        if not ipaddress.ip_address(socket.gethostbyname(target[0])).is_loopback:
+            return False
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.connect(("8.8.8.8", 53))  # sends nothing: the route's source address, as Ray finds its own
+            own = udp.getsockname()[0]
+    except OSError:
+        return False  # no route: Ray keeps 127.0.0.1 itself
+    try:
+        with socket.create_connection((own, target[1]), timeout=1.0):
+            return False
+    except OSError:
+        return True
+
+
 _EMBEDDED: dict[str, bool] = {}  # set once this process has started an embedded Ray (stop_embedded at exit)
 _DASHBOARD: dict[str, str] = {}  # the dashboard of the cluster connect() joined or started ('' when it has none)
 
@@ -198,7 +222,8 @@ def connect(
         kwargs = {"logging_level": logging.WARNING, "log_to_driver": True}
         if target is None:
             kwargs.update({**EMBEDDED_OPTIONS, **(options or {}), "num_cpus": num_cpus})
-        with loopback_node() if target is None else contextlib.nullcontext():
+        loopback = target is None or loopback_only(target)
+        with loopback_node() if loopback else contextlib.nullcontext():
             context = ray.init(address=target or LOCAL, namespace=namespace, **kwargs)
         _DASHBOARD["url"] = getattr(context, "dashboard_url", None) or ""
         if target is None and not _EMBEDDED:

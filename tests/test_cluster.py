@@ -168,3 +168,23 @@ def test_loopback_node_restores_rays_cluster_flag_and_environment(monkeypatch):
     with cluster.loopback_node():
         assert os.environ[name] == "0" and services.resolve_ip_for_localhost("127.0.0.1") == "127.0.0.1"
     assert name not in os.environ and ray_constants.ENABLE_RAY_CLUSTER
+
+
+def test_another_process_joins_an_embedded_ray_by_its_loopback_address(ray_local):
+    """An embedded Ray listens on loopback only; joined by its 127.0.0.1 address from another process (a test's
+    CLI on the session's Ray), Ray would rewrite that address to the machine's and wait for a GCS that is not
+    there. connect() joins it as a loopback node, and the joining process's task runs on it."""
+    address = ray_local.get_runtime_context().gcs_address
+    assert address.startswith("127.0.0.1:") and cluster.loopback_only(address)
+    code = (
+        "import ray, sys\n"
+        "from deepfake.cluster import connect\n"
+        "assert not connect(sys.argv[1])\n"
+        "print(ray.get(ray.remote(lambda: ray.get_runtime_context().get_node_id()).remote()))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    out = subprocess.run(
+        [sys.executable, "-c", code, address], capture_output=True, text=True, env=env, timeout=120, cwd=REPO_ROOT
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == ray_local.get_runtime_context().get_node_id()
