@@ -167,7 +167,7 @@ def loopback_only(address: str) -> bool:
             udp.connect(("8.8.8.8", 53))  # sends nothing: the route's source address, as Ray finds its own
             own = udp.getsockname()[0]
     except OSError:
-        return False  # no route: Ray keeps 127.0.0.1 itself
+        return False  # no route to compare with: Ray's own rule applies
     try:
         with socket.create_connection((own, target[1]), timeout=1.0):
             return False
