@@ -25,6 +25,16 @@ def _dead_port() -> int:
         return s.getsockname()[1]  # closed again: nothing listens there
 
 
+def _python(code: str, *args: str, timeout: float) -> subprocess.CompletedProcess:
+    """`code` run by a fresh Python from the repository root (no RAY_ADDRESS), which must succeed."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    out = subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO_ROOT
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
 def test_only_the_boundary_calls_ray_init():
     offenders = []
     for path in sorted((REPO_ROOT / "deepfake").rglob("*.py")) + sorted((REPO_ROOT / "rayjobs").rglob("*.py")):
@@ -137,11 +147,7 @@ def test_an_embedded_ray_listens_on_loopback_only_and_leaves_no_process_behind_a
         "print(json.dumps(sorted(listeners_of([os.getpid(), *ours]))))\n"
         "print(json.dumps(ours))\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300, cwd=REPO_ROOT
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
+    out = _python(code, timeout=300)
     import json
 
     from deepfake.processes import proc_text, still_running
@@ -182,9 +188,5 @@ def test_another_process_joins_an_embedded_ray_by_its_loopback_address(ray_local
         "assert not connect(sys.argv[1])\n"
         "print(ray.get(ray.remote(lambda: ray.get_runtime_context().get_node_id()).remote()))\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    out = subprocess.run(
-        [sys.executable, "-c", code, address], capture_output=True, text=True, env=env, timeout=120, cwd=REPO_ROOT
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
+    out = _python(code, address, timeout=120)
     assert out.stdout.strip().splitlines()[-1] == ray_local.get_runtime_context().get_node_id()
