@@ -60,11 +60,8 @@ def loopback_node() -> Iterator[None]:
     tests/test_cluster.py fails if a Ray upgrade moves that flag or the binding rule."""
     from ray._private import ray_constants
 
-    name, saved_env = (
-        ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR,
-        os.environ.get(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR),
-    )
-    saved = ray_constants.ENABLE_RAY_CLUSTER
+    name = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+    saved_env, saved = os.environ.get(name), ray_constants.ENABLE_RAY_CLUSTER
     os.environ[name], ray_constants.ENABLE_RAY_CLUSTER = "0", False
     try:
         yield

@@ -65,16 +65,12 @@ def still_running(processes: dict[int, str]) -> list[int]:
     return [p for p, started in processes.items() if alive(p) and process_ids([p]).get(p) == started]
 
 
-def stop_survivors(processes: dict[int, str], wait_s: float = 5.0) -> list[int]:
-    """The processes of `process_ids` still running after Ray's shutdown (its dashboard and runtime-env agents,
-    reparented to init when the raylet exits, poll for their parent and linger 30-120 s): SIGTERM, then SIGKILL
-    after `wait_s`. Returns the pids it had to stop."""
+def stop_processes(processes: dict[int, str], wait_s: float = 5.0) -> None:
+    """SIGTERM to those of `process_ids` still running as the same processes, then SIGKILL to any still there
+    after `wait_s` (matched by start time, so a reused pid is never signalled)."""
     import os
     import signal
 
-    deadline = time.monotonic() + wait_s
-    while (left := still_running(processes)) and time.monotonic() < deadline:
-        time.sleep(0.2)
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in still_running(processes):
             with contextlib.suppress(OSError):
@@ -82,6 +78,16 @@ def stop_survivors(processes: dict[int, str], wait_s: float = 5.0) -> list[int]:
         deadline = time.monotonic() + wait_s
         while still_running(processes) and time.monotonic() < deadline:
             time.sleep(0.1)
+
+
+def stop_survivors(processes: dict[int, str], wait_s: float = 5.0) -> list[int]:
+    """The processes of `process_ids` still running after Ray's shutdown (its dashboard and runtime-env agents,
+    reparented to init when the raylet exits, poll for their parent and linger 30-120 s): given `wait_s` to
+    exit on their own, then terminated. Returns the pids it had to stop."""
+    deadline = time.monotonic() + wait_s
+    while (left := still_running(processes)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    stop_processes(processes, wait_s)
     if left:
         log.info("stopped %d of Ray's processes that outlived its shutdown: %s", len(left), left)
     return left

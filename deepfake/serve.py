@@ -34,7 +34,7 @@ from deepfake.config import REPO_ROOT, locate
 from deepfake.detector import MAX_MODELS_PER_REPLICA, NamedModels, dummy_images, replica_id
 from deepfake.images import MAX_PIXELS
 from deepfake.ingress import Ingress
-from deepfake.processes import alive, descendants, parent_pid, proc_text
+from deepfake.processes import descendants, parent_pid, proc_text, process_ids, stop_processes
 from deepfake.provenance import load_trust
 
 log = logging.getLogger("ray.serve")
@@ -623,20 +623,10 @@ def reap_orphaned_haproxies(
     ports: list[int], message: str = "stopping HAProxy %d left on port(s) %s by a Serve that is gone"
 ) -> list[int]:
     """Stop the HAProxy processes a crashed `deepfake serve` left on `ports` (see orphaned_haproxies)."""
-    import os
-    import signal
-
     pids = orphaned_haproxies(ports)
     for pid in pids:
         log.warning(message, pid, ports)
-        with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 5
-    while pids and time.monotonic() < deadline and any(alive(p) for p in pids):
-        time.sleep(0.1)
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGKILL)
+    stop_processes(process_ids(pids), wait_s=5.0)
     return pids
 
 

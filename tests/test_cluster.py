@@ -2,6 +2,7 @@
 foreign one; a given address that does not answer fails in seconds and names it."""
 
 import ast
+import json
 import os
 import shutil
 import socket
@@ -148,8 +149,6 @@ def test_an_embedded_ray_listens_on_loopback_only_and_leaves_no_process_behind_a
         "print(json.dumps(ours))\n"
     )
     out = _python(code, timeout=300)
-    import json
-
     from deepfake.processes import proc_text, still_running
 
     lines = out.stdout.strip().splitlines()
