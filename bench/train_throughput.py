@@ -45,6 +45,11 @@ RAY_VARIANTS: dict[str, tuple[dict, dict]] = {  # ray.init options, environment 
         {"include_dashboard": None},
         {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "1", "RAY_TRAIN_METRICS_ENABLED": "1"},
     ),
+    # OpenMP in the Train workers: threads waiting at a barrier sleep (PASSIVE) or spin only briefly, so a thread
+    # preempted by Ray's other processes is not also waited on by a partner burning the other core
+    "omp_passive": ({"include_dashboard": None}, {"OMP_WAIT_POLICY": "PASSIVE"}),
+    "omp_active": ({"include_dashboard": None}, {"OMP_WAIT_POLICY": "ACTIVE"}),
+    "gomp_spin_10k": ({"include_dashboard": None}, {"GOMP_SPINCOUNT": "10000"}),
 }
 
 
