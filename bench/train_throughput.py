@@ -45,8 +45,9 @@ RAY_VARIANTS: dict[str, tuple[dict, dict]] = {  # ray.init options, environment 
         {"include_dashboard": None},
         {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "1", "RAY_TRAIN_METRICS_ENABLED": "1"},
     ),
-    # OpenMP in the Train workers: threads waiting at a barrier sleep (PASSIVE) or spin only briefly, so a thread
-    # preempted by Ray's other processes is not also waited on by a partner burning the other core
+    # OpenMP's wait policy in the Train workers (results/train_throughput_omp.json): a thread waiting at a barrier
+    # sleeps at once (PASSIVE), spins without end (ACTIVE) or spins 10,000 times before it sleeps (libgomp's
+    # default is 300,000): whether a partner spinning while Ray's other processes preempt a thread costs throughput
     "omp_passive": ({"include_dashboard": None}, {"OMP_WAIT_POLICY": "PASSIVE"}),
     "omp_active": ({"include_dashboard": None}, {"OMP_WAIT_POLICY": "ACTIVE"}),
     "gomp_spin_10k": ({"include_dashboard": None}, {"GOMP_SPINCOUNT": "10000"}),

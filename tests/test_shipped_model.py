@@ -1,7 +1,7 @@
 """The shipped detectors: the default (models/cifake-ensemble, of cifake-b0, cifake-lite0 and cifake-lite0-s3) and
-the others; their files load, their cards are their metadata, and they are confident and correct on shipped sample images
-that were held out of their training (their content hashes fell in the validation/test part of the CIFAKE
-train split they all share; see HELD_OUT)."""
+the others; their files load, their cards are their metadata, and they are confident and correct on shipped
+sample images that were held out of their training (their content hashes fell in the validation/test part of the
+CIFAKE train split they all share; see HELD_OUT)."""
 
 from __future__ import annotations
 
@@ -96,7 +96,7 @@ FAST_MODEL = REPO_ROOT / "models" / "cifake-b0-cpu"
 @pytest.fixture(
     scope="module",
     params=[MODEL, FAST_MODEL, LITE, LITE_S3, ENSEMBLE],
-    ids=["cifake-b0", "cifake-b0-cpu", "cifake-lite0", "cifake-lite0-s3", "cifake-ensemble"],
+    ids=lambda folder: folder.name,
 )
 def predictor(request):
     from deepfake.inference import load_scorer
@@ -151,11 +151,7 @@ def test_shipped_guard_flags_real_photos_as_given_and_downscaled(predictor, size
     assert all(o["verdict"] == "uncertain" for o in out)
 
 
-@pytest.mark.parametrize(
-    "folder",
-    [MODEL, FAST_MODEL, LITE, LITE_S3],
-    ids=["cifake-b0", "cifake-b0-cpu", "cifake-lite0", "cifake-lite0-s3"],
-)
+@pytest.mark.parametrize("folder", [MODEL, FAST_MODEL, LITE, LITE_S3], ids=lambda folder: folder.name)
 def test_shipped_card_states_the_trust_settings(folder):
     meta = ck.read_metadata(folder)
     trust = meta["trust"]
