@@ -400,13 +400,17 @@ def deploy_serve(ns: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- reproduce
-# The shipped detector's recipe, stage by stage (models/cifake-b0's card records both).
-RECIPES = {
-    "gpu": ("cifake-b0-gpu.yaml",),
-    "cpu": ("cifake-b0.yaml", "cifake-b0-finetune.yaml"),
-    "robust": ("cifake-b0-robust.yaml",),  # one epoch from models/cifake-b0 with resize/blur/JPEG/crop degradations
+# The shipped models' recipes, stage by stage (each model's card records them): a stage is a config file in
+# deepfake/configs/ and the settings changed on top of it (section.key -> value, as `--set` takes them).
+RECIPES: dict[str, tuple[tuple[str, dict[str, Any]], ...]] = {
+    "gpu": (("cifake-b0-gpu.yaml", {}),),
+    "cpu": (("cifake-b0.yaml", {}), ("cifake-b0-finetune.yaml", {})),
+    # one epoch from models/cifake-b0 with resize/blur/JPEG/crop degradations
+    "robust": (("cifake-b0-robust.yaml", {}),),
     # ImageNet EfficientNet-Lite0 fine-tuned at 96 px, 4 cosine epochs (needs deepfake[lite])
-    "lite0": ("cifake-lite0.yaml",),
+    "lite0": (("cifake-lite0.yaml", {}),),
+    # the default ensemble's third member: the same recipe over a 5-epoch cosine with another training seed
+    "lite0-s3": (("cifake-lite0.yaml", {"train.epochs": 5, "train.seed": 3}),),
 }
 SHIPPED_RECIPE = "gpu"
 SHIPPED_LIMITATIONS = (
@@ -423,7 +427,12 @@ SHIPPED_LIMITATIONS = (
 def reproduce_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="the CIFAKE train split (.tar.gz or folder)")
     p.add_argument("--out", required=True, help="the final model folder; stage k goes to OUT-stageK")
-    p.add_argument("--recipe", choices=sorted(RECIPES), default=SHIPPED_RECIPE, help="gpu: the shipped model's")
+    p.add_argument(
+        "--recipe",
+        choices=sorted(RECIPES),
+        default=SHIPPED_RECIPE,
+        help="gpu: cifake-b0's; the default ensemble's members are gpu, lite0 and lite0-s3",
+    )
     p.set_defaults(train_args=[])  # any other option is a train option for every stage, e.g. --use-gpu true
 
 
@@ -436,9 +445,10 @@ def reproduce(args: argparse.Namespace) -> int:
     configs = Path(__file__).parent / "configs"
     stamp = time.strftime("%Y%m%d-%H%M%S")
     previous = None
-    for i, name in enumerate(stages, 1):
+    for i, (name, settings) in enumerate(stages, 1):
         out = args.out if i == len(stages) else f"{args.out}-stage{i}"
         argv = ["--config", str(configs / name), "--data", args.data, "--out", out, "--name", f"repro-{stamp}-stage{i}"]
+        argv += [arg for key, value in settings.items() for arg in ("--set", f"{key}={value}")]
         argv += [*(["--pretrained", previous] if previous else []), *args.train_args]
         log.info("stage %d of %d: train %s", i, len(stages), shlex.join(argv))
         train(stage_parser("train").parse_args(argv))

@@ -32,10 +32,10 @@ HELD_OUT = {
 }
 
 
-def load_recipe(name: str):
+def load_recipe(name: str, settings: dict | None = None):
     from deepfake.config import load
 
-    return load(REPO_ROOT / "deepfake" / "configs" / name)
+    return load(REPO_ROOT / "deepfake" / "configs" / name, settings)
 
 
 def test_default_model_is_the_shipped_ensemble_of_b0_and_two_lite0s():
@@ -67,7 +67,9 @@ def test_card_matches_metadata_and_states_what_the_issue_asks():
         assert text in card, text
 
 
-@pytest.mark.parametrize("recipe_name, folder", [("gpu", MODEL), ("lite0", LITE)], ids=["cifake-b0", "cifake-lite0"])
+@pytest.mark.parametrize(
+    "recipe_name, folder", [("gpu", MODEL), ("lite0", LITE), ("lite0-s3", LITE_S3)], ids=lambda x: getattr(x, "name", x)
+)
 def test_shipped_model_was_trained_with_its_recorded_recipe(recipe_name, folder):
     """The recipe that `deepfake jobs submit reproduce --recipe NAME` runs is the one in the card: every setting
     that shapes the model, stage by stage (the last stage is the shipped folder, each parent the stage before)."""
@@ -76,12 +78,12 @@ def test_shipped_model_was_trained_with_its_recorded_recipe(recipe_name, folder)
     shapes = {
         "data": ("val_ratio", "test_ratio", "seed", "image_size", "hflip", "rotation", "crop_padding"),
         "model": ("arch", "finetune", "stem_stride", "drop_rate"),
-        "train": ("epochs", "batch_size", "optimizer", "lr", "weight_decay", "scheduler", "warmup_epochs"),
+        "train": ("epochs", "batch_size", "optimizer", "lr", "weight_decay", "scheduler", "warmup_epochs", "seed"),
     }
     node = ck.read_metadata(folder)
-    for name in reversed(stages.RECIPES[recipe_name]):
+    for name, settings in reversed(stages.RECIPES[recipe_name]):
         assert node is not None, f"the card has no stage for {name}"
-        recipe = load_recipe(name)
+        recipe = load_recipe(name, settings)
         for section, keys in shapes.items():
             for key in keys:
                 assert node["config"][section][key] == getattr(getattr(recipe, section), key), (name, section, key)
