@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from deepfake.config import Config
 from deepfake.loop import build_optimizer, build_scheduler, make_datasets, prepare_splits, train_one_epoch
 from deepfake.model import create_model, to_device
-from deepfake.train import fit
+from deepfake.train import WORKER_ENV, fit
 
 log = logging.getLogger("bench.train_throughput")
 SETUP_KEYS = ("data", "max_per_class", "image_size", "stem_stride", "batch_size", "epochs", "cores")
@@ -52,6 +52,10 @@ RAY_VARIANTS: dict[str, tuple[dict, dict]] = {  # ray.init options, environment 
     "omp_active": ({"include_dashboard": None}, {"OMP_WAIT_POLICY": "ACTIVE"}),
     "gomp_spin_10k": ({"include_dashboard": None}, {"GOMP_SPINCOUNT": "10000"}),
 }
+# Ray's own OpenMP setting in the Train workers (OMP_NUM_THREADS = the worker's CPUs) instead of deepfake.train's
+# WORKER_ENV, with deepfake.cluster's defaults otherwise
+RAY_VARIANTS["ray_worker_env"] = RAY_VARIANTS["default"]
+WORKER_ENVS = {"ray_worker_env": {}}
 
 
 def base_config(args: argparse.Namespace) -> Config:
@@ -110,6 +114,21 @@ def ray_train(cfg: Config, workers: int, cores: int, tag: str) -> dict:
     }
 
 
+def ray_task_loop(args: argparse.Namespace, cores: int) -> dict:
+    """The plain loop itself inside one Ray task holding all the cores, on a fresh embedded Ray: what a Ray
+    worker process costs with none of Ray Train's machinery (controller, worker group, reports, checkpoints)."""
+    import ray
+
+    from deepfake import cluster
+
+    cluster.connect()
+    try:
+        task = ray.remote(num_cpus=cores)(plain_loop)
+        return ray.get(task.remote(base_config(args), cores))
+    finally:
+        cluster.disconnect()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default="../shared/data/cifake_small.tar.gz")
@@ -130,6 +149,11 @@ def main() -> None:
         help="embedded-Ray variants to run, one after the other, each against the same plain loop",
     )
     p.add_argument("--repeats", type=int, default=1, help="run the variants this many times (medians reported)")
+    p.add_argument(
+        "--ray-task",
+        action="store_true",
+        help="also run the plain loop inside a Ray task (no Ray Train) after each variant's Ray Train runs",
+    )
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     from deepfake import cluster
@@ -144,6 +168,10 @@ def main() -> None:
         saved = dict(cluster.EMBEDDED_OPTIONS)
         cluster.EMBEDDED_OPTIONS.update(options)
         os.environ.update(env)
+        saved_worker_env = dict(WORKER_ENV)
+        if variant in WORKER_ENVS:
+            WORKER_ENV.clear()
+            WORKER_ENV.update(WORKER_ENVS[variant])
         try:
             for w in args.workers:
                 results[f"{tag}_{w}w"] = ray_train(base_config(args), w, args.cores, f"tp-{tag}")
@@ -153,13 +181,20 @@ def main() -> None:
             cluster.EMBEDDED_OPTIONS.update(saved)
             for key in env:
                 os.environ.pop(key, None)
+            WORKER_ENV.clear()
+            WORKER_ENV.update(saved_worker_env)
+        if args.ray_task:
+            results[f"{tag}_ray_task"] = ray_task_loop(args, args.cores)
         plains.append(plain_loop(base_config(args), args.cores))
-        for w in args.workers:
-            around = (plains[-2]["images_per_s"] + plains[-1]["images_per_s"]) / 2
-            results[f"{tag}_{w}w"]["ratio_vs_plain_around"] = round(results[f"{tag}_{w}w"]["images_per_s"] / around, 3)
+        around = (plains[-2]["images_per_s"] + plains[-1]["images_per_s"]) / 2
+        for key in [f"{tag}_{w}w" for w in args.workers] + ([f"{tag}_ray_task"] if args.ray_task else []):
+            results[key]["ratio_vs_plain_around"] = round(results[key]["images_per_s"] / around, 3)
     fig = {
         "setup": {k: getattr(args, k) for k in SETUP_KEYS},
-        "ray_variants": {v: {"ray_init": RAY_VARIANTS[v][0], "env": RAY_VARIANTS[v][1]} for v in args.ray},
+        "ray_variants": {
+            v: {"ray_init": RAY_VARIANTS[v][0], "env": RAY_VARIANTS[v][1], "worker_env": WORKER_ENVS.get(v, WORKER_ENV)}
+            for v in args.ray
+        },
         "plain_pytorch_runs": [round(x["images_per_s"], 1) for x in plains],
         **results,
         "ratios_vs_plain": {k: v["ratio_vs_plain_around"] for k, v in results.items()},
@@ -167,12 +202,12 @@ def main() -> None:
     }
     if args.repeats > 1:
         fig["median_ratio_vs_plain"] = {
-            f"{v}_{w}w": round(
-                float(np.median([results[f"{v}_r{r + 1}_{w}w"]["ratio_vs_plain_around"] for r in range(args.repeats)])),
+            f"{v}_{w}": round(
+                float(np.median([results[f"{v}_r{r + 1}_{w}"]["ratio_vs_plain_around"] for r in range(args.repeats)])),
                 3,
             )
             for v in args.ray
-            for w in args.workers
+            for w in [*(f"{w}w" for w in args.workers), *(["ray_task"] if args.ray_task else [])]
         }
     emit(fig, args.out)
 

@@ -27,6 +27,14 @@ from deepfake.model import PACKAGED, create_model, data_config, packaged_weights
 
 log = logging.getLogger(__name__)
 
+# Ray Train runs the loop on a thread of its own in each worker; the worker's main thread serves Ray. Once both
+# threads have run parallel torch ops, libgomp keeps two thread teams, and with more OpenMP threads than cores it
+# stops spinning at its barriers (100 spins, then sleep): every op then waits for woken threads. On 2 cores the same
+# training steps ran at 0.5-0.75x on a second thread (bench/omp_threads.py). So the rest of the worker runs one
+# OpenMP thread and the loop sets its own count (loop_config["threads"]); bench/train_throughput.py
+# (results/train_throughput_worker_env.json) measures Ray Train with and without it.
+WORKER_ENV = {"OMP_NUM_THREADS": "1"}
+
 
 class TrainSession:
     """Where the loop runs under Ray Train: DDP across the worker group, Train's checkpoints and reports."""
@@ -226,6 +234,7 @@ def _fit_ray(cfg: Config, name: str, storage: str, loop_config: dict[str, Any]):
                 checkpoint_score_order="min",
             ),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            worker_runtime_env={"env_vars": dict(WORKER_ENV)},
         ),
     )
     result = trainer.fit()

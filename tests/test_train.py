@@ -30,6 +30,20 @@ class FailOnce:
             raise RuntimeError(f"injected failure at epoch {epoch}")
 
 
+class RecordThreads:
+    """A run_loop callback that writes, per epoch, the OpenMP setting of the training process and the number of
+    torch threads the loop runs with."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def __call__(self, epoch: int, rank: int) -> None:
+        import os
+
+        with self.path.open("a") as f:
+            f.write(json.dumps([epoch, rank, os.environ.get("OMP_NUM_THREADS"), torch.get_num_threads()]) + "\n")
+
+
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers need not import the tests package
 
 
@@ -79,14 +93,19 @@ def test_two_workers_warm_start_from_a_relative_model_folder_and_export(ray_loca
 
 def test_worker_crash_restarts_from_last_checkpoint(ray_local, small_sample, tmp_path):
     cfg = _cfg(small_sample, tmp_path, name="crash", epochs=3, max_failures=1, workers=1)
-    out = fit(cfg, export=False, callbacks=[FailOnce(2, tmp_path / "runs" / "crash")])
+    threads_log = tmp_path / "threads.jsonl"
+    out = fit(cfg, export=False, callbacks=[FailOnce(2, tmp_path / "runs" / "crash"), RecordThreads(threads_log)])
     assert (tmp_path / "runs" / "crash" / ".failed_once_epoch2").exists()  # the failure did happen
     assert [h["epoch"] for h in out["history"]] == [1, 2, 3]
+    # the worker (the restarted one too) keeps Ray's own thread at one OpenMP thread (train.WORKER_ENV) while the
+    # loop runs on all of the worker's CPUs
+    from deepfake.train import WORKER_ENV, scaling
+
+    seen = [json.loads(line) for line in threads_log.read_text().splitlines()]
+    assert len(seen) >= 3 and {tuple(x[2:]) for x in seen} == {(WORKER_ENV["OMP_NUM_THREADS"], scaling(cfg)[1])}
     # epochs are seeded, so the restarted run trains exactly as an uninterrupted one, and Ray Train with one
     # worker exactly as the same loop in this process (--backend torch: no Ray start-up for the reference), on
     # as many torch threads as the Ray worker had (float sums depend on the count)
-    from deepfake.train import scaling
-
     threads = torch.get_num_threads()
     torch.set_num_threads(int(scaling(cfg)[1]))
     try:
