@@ -30,9 +30,10 @@ log = logging.getLogger(__name__)
 # Ray Train runs the loop on a thread of its own in each worker; the worker's main thread serves Ray. Once both
 # threads have run parallel torch ops, libgomp keeps two thread teams, and with more OpenMP threads than cores it
 # stops spinning at its barriers (100 spins, then sleep): every op then waits for woken threads. On 2 cores the same
-# training steps ran at 0.5-0.75x on a second thread (bench/omp_threads.py). So the rest of the worker runs one
-# OpenMP thread and the loop sets its own count (loop_config["threads"]); bench/train_throughput.py
-# (results/train_throughput_worker_env.json) measures Ray Train with and without it.
+# training steps on a second thread kept 1.15-1.39 cores busy instead of 1.99 (bench/omp_threads.py). So the rest of
+# the worker runs one OpenMP thread and the loop sets its own count (loop_config["threads"]). bench/train_throughput.py
+# measures Ray Train with and without it (results/train_throughput_worker_env*.json: 1 worker, median 0.87x of the
+# plain loop with it, 0.83x without, over 2026-12-03's runs: part of Ray Train's gap, not all of it).
 WORKER_ENV = {"OMP_NUM_THREADS": "1"}
 
 
