@@ -31,6 +31,7 @@ from deepfake.model import create_model, to_device
 from deepfake.train import WORKER_ENV, fit
 
 log = logging.getLogger("bench.train_throughput")
+GOAL = 0.95  # issue 20: Ray Train's images/s over the plain loop's, equal total cores
 SETUP_KEYS = ("data", "max_per_class", "image_size", "stem_stride", "batch_size", "epochs", "cores")
 
 
@@ -198,17 +199,17 @@ def main() -> None:
         "plain_pytorch_runs": [round(x["images_per_s"], 1) for x in plains],
         **results,
         "ratios_vs_plain": {k: v["ratio_vs_plain_around"] for k, v in results.items()},
-        "goal": "Ray Train >= 0.95x the plain loop at equal total cores",
+        "goal": f"Ray Train >= {GOAL}x the plain loop at equal total cores",
     }
     if args.repeats > 1:
-        fig["median_ratio_vs_plain"] = {
-            f"{v}_{w}": round(
-                float(np.median([results[f"{v}_r{r + 1}_{w}"]["ratio_vs_plain_around"] for r in range(args.repeats)])),
-                3,
-            )
+        # one run's ratio moves by 0.2 with this VM's drift: the median, and every run's figure beside it
+        runs = {
+            f"{v}_{w}": [results[f"{v}_r{r + 1}_{w}"]["ratio_vs_plain_around"] for r in range(args.repeats)]
             for v in args.ray
             for w in [*(f"{w}w" for w in args.workers), *(["ray_task"] if args.ray_task else [])]
         }
+        fig["median_ratio_vs_plain"] = {k: round(float(np.median(r)), 3) for k, r in runs.items()}
+        fig["runs_at_goal"] = {k: f"{sum(x >= GOAL for x in r)} of {len(r)}" for k, r in runs.items()}
     emit(fig, args.out)
 
 

@@ -32,8 +32,8 @@ log = logging.getLogger(__name__)
 # stops spinning at its barriers (100 spins, then sleep): every op then waits for woken threads. On 2 cores the same
 # training steps on a second thread kept 1.15-1.39 cores busy instead of 1.99 (bench/omp_threads.py). So the rest of
 # the worker runs one OpenMP thread and the loop sets its own count (loop_config["threads"]). bench/train_throughput.py
-# measures Ray Train with and without it (results/train_throughput_worker_env*.json: 1 worker, median 0.87x of the
-# plain loop with it, 0.83x without, over 2026-12-03's runs: part of Ray Train's gap, not all of it).
+# measures Ray Train with and without it (results/train_throughput_worker_env*.json, _r5.json: 1 worker, median 0.84x
+# of the plain loop over 15 runs with it, 0.83x over 11 without, on 2026-12-03: part of Ray Train's gap, not all).
 WORKER_ENV = {"OMP_NUM_THREADS": "1"}
 
 
