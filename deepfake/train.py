@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 # training steps on a second thread kept 1.15-1.39 cores busy instead of 1.99 (bench/omp_threads.py). So the rest of
 # the worker runs one OpenMP thread and the loop sets its own count (loop_config["threads"]). bench/train_throughput.py
 # measures Ray Train with and without it (results/train_throughput_worker_env*.json, _r5.json: 1 worker, median 0.84x
-# of the plain loop over 15 runs with it, 0.83x over 11 without, on 2026-12-03: part of Ray Train's gap, not all).
+# of the plain loop over 15 runs with it, 0.83x over 11 without, on 2026-12-03: a difference inside this VM's
+# run-to-run spread; the mechanism is real, Ray Train's gap lies mostly elsewhere).
 WORKER_ENV = {"OMP_NUM_THREADS": "1"}
 
 
