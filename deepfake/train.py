@@ -38,6 +38,11 @@ log = logging.getLogger(__name__)
 WORKER_ENV = {"OMP_NUM_THREADS": "1"}
 
 
+def worker_runtime_env() -> dict[str, Any]:
+    """RunConfig.worker_runtime_env for every TorchTrainer deepfake starts (training and multi-worker trials)."""
+    return {"env_vars": dict(WORKER_ENV)}
+
+
 class TrainSession:
     """Where the loop runs under Ray Train: DDP across the worker group, Train's checkpoints and reports."""
 
@@ -236,7 +241,7 @@ def _fit_ray(cfg: Config, name: str, storage: str, loop_config: dict[str, Any]):
                 checkpoint_score_order="min",
             ),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-            worker_runtime_env={"env_vars": dict(WORKER_ENV)},
+            worker_runtime_env=worker_runtime_env(),
         ),
     )
     result = trainer.fit()

@@ -396,7 +396,7 @@ def _trial(params: dict[str, Any], splits: dict, base: dict, train_storage: str)
     from ray import tune
 
     from deepfake.loop import run_loop
-    from deepfake.train import WORKER_ENV, train_func
+    from deepfake.train import train_func, worker_runtime_env
 
     base_cfg = from_dict(base)
     trial_id = tune.get_context().get_trial_id()
@@ -434,7 +434,7 @@ def _trial(params: dict[str, Any], splits: dict, base: dict, train_storage: str)
             callbacks=[TuneReportCallback()],
             checkpoint_config=CheckpointConfig(num_to_keep=1),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-            worker_runtime_env={"env_vars": dict(WORKER_ENV)},
+            worker_runtime_env=worker_runtime_env(),
         ),
     )
     trainer.fit()
