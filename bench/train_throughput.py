@@ -9,6 +9,10 @@ sample) are noise; use a slice of the train split for a figure:
     python bench/train_throughput.py --data ../shared/data/cifake_train.tar.gz --max-per-class 2500 --epochs 4
 
     python bench/train_throughput.py --data ../shared/data/cifake_small.tar.gz
+
+Where Ray Train's gap comes from: `--ray-task` runs the plain loop in a Ray task, `--ray-actor` on a thread of a
+Ray actor (as a Train worker runs it), `--idle-actors 5` that again beside five idle actors, each after every
+variant's Ray Train runs and against the same plain runs.
 """
 
 from __future__ import annotations
@@ -115,6 +119,16 @@ def ray_train(cfg: Config, workers: int, cores: int, tag: str) -> dict:
     }
 
 
+def extras(args: argparse.Namespace) -> list[str]:
+    """Names of the runs without Ray Train that follow each variant's Ray Train runs."""
+    runs = (
+        ("ray_task", args.ray_task),
+        ("ray_actor", args.ray_actor),
+        ("ray_actor_idle", args.ray_actor and args.idle_actors > 0),
+    )
+    return [name for name, on in runs if on]
+
+
 def ray_task_loop(args: argparse.Namespace, cores: int) -> dict:
     """The plain loop itself inside one Ray task holding all the cores, on a fresh embedded Ray: what a Ray
     worker process costs with none of Ray Train's machinery (controller, worker group, reports, checkpoints)."""
@@ -126,6 +140,64 @@ def ray_task_loop(args: argparse.Namespace, cores: int) -> dict:
     try:
         task = ray.remote(num_cpus=cores)(plain_loop)
         return ray.get(task.remote(base_config(args), cores))
+    finally:
+        cluster.disconnect()
+
+
+class LoopActor:
+    """The plain loop on a thread of its own in a Ray actor whose main thread goes back to serving Ray, as a Ray
+    Train worker runs its loop (deepfake.train.WORKER_ENV in its environment too), but none of Ray Train's
+    controller, helper actors, process group or reports."""
+
+    def start(self, cfg: Config, cores: int) -> None:
+        import threading
+
+        self.result: dict | None = None
+        self.error: BaseException | None = None
+
+        def run() -> None:
+            try:
+                self.result = plain_loop(cfg, cores)
+            except BaseException as e:  # handed to the driver by poll
+                self.error = e
+
+        self.thread = threading.Thread(target=run, name="TrainingThread", daemon=True)
+        self.thread.start()
+
+    def poll(self) -> dict | None:
+        """None while the loop runs; its result, or its exception raised, once it ended."""
+        if self.thread.is_alive():
+            return None
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+class IdleActor:
+    """An actor that does nothing: a Python Ray worker process whose main thread still wakes 100 times a second."""
+
+    def ready(self) -> bool:
+        return True
+
+
+def ray_actor_loop(args: argparse.Namespace, cores: int, idle_actors: int = 0) -> dict:
+    """LoopActor on a fresh embedded Ray, polled every 2 s (Ray Train's controller polls its workers as often),
+    beside `idle_actors` idle ones (Ray Train keeps five beside its worker: controller, placement-group cleaner,
+    synchronization actor, autoscaling coordinator, dataset manager)."""
+    import ray
+
+    from deepfake import cluster
+    from deepfake.train import worker_runtime_env
+
+    cluster.connect()
+    try:
+        idle = [ray.remote(num_cpus=0)(IdleActor).remote() for _ in range(idle_actors)]
+        ray.get([a.ready.remote() for a in idle])
+        actor = ray.remote(num_cpus=cores, runtime_env=worker_runtime_env())(LoopActor).remote()
+        ray.get(actor.start.remote(base_config(args), cores))
+        while (result := ray.get(actor.poll.remote())) is None:
+            time.sleep(2)
+        return result
     finally:
         cluster.disconnect()
 
@@ -154,6 +226,17 @@ def main() -> None:
         "--ray-task",
         action="store_true",
         help="also run the plain loop inside a Ray task (no Ray Train) after each variant's Ray Train runs",
+    )
+    p.add_argument(
+        "--ray-actor",
+        action="store_true",
+        help="also run the plain loop on a thread of a Ray actor (how a Train worker runs it, no Ray Train)",
+    )
+    p.add_argument(
+        "--idle-actors",
+        type=int,
+        default=0,
+        help="with --ray-actor, also run the actor's loop beside this many idle actors (Ray Train keeps five)",
     )
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -186,9 +269,13 @@ def main() -> None:
             WORKER_ENV.update(saved_worker_env)
         if args.ray_task:
             results[f"{tag}_ray_task"] = ray_task_loop(args, args.cores)
+        if args.ray_actor:
+            results[f"{tag}_ray_actor"] = ray_actor_loop(args, args.cores)
+            if args.idle_actors:
+                results[f"{tag}_ray_actor_idle"] = ray_actor_loop(args, args.cores, args.idle_actors)
         plains.append(plain_loop(base_config(args), args.cores))
         around = (plains[-2]["images_per_s"] + plains[-1]["images_per_s"]) / 2
-        for key in [f"{tag}_{w}w" for w in args.workers] + ([f"{tag}_ray_task"] if args.ray_task else []):
+        for key in [f"{tag}_{w}w" for w in args.workers] + [f"{tag}_{name}" for name in extras(args)]:
             results[key]["ratio_vs_plain_around"] = round(results[key]["images_per_s"] / around, 3)
     fig = {
         "setup": {k: getattr(args, k) for k in SETUP_KEYS},
@@ -206,7 +293,7 @@ def main() -> None:
         runs = {
             f"{v}_{w}": [results[f"{v}_r{r + 1}_{w}"]["ratio_vs_plain_around"] for r in range(args.repeats)]
             for v in args.ray
-            for w in [*(f"{w}w" for w in args.workers), *(["ray_task"] if args.ray_task else [])]
+            for w in [*(f"{w}w" for w in args.workers), *extras(args)]
         }
         fig["median_ratio_vs_plain"] = {k: round(float(np.median(r)), 3) for k, r in runs.items()}
         fig["runs_at_goal"] = {k: f"{sum(x >= GOAL for x in r)} of {len(r)}" for k, r in runs.items()}
