@@ -21,6 +21,7 @@ import argparse
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -119,16 +120,6 @@ def ray_train(cfg: Config, workers: int, cores: int, tag: str) -> dict:
     }
 
 
-def extras(args: argparse.Namespace) -> list[str]:
-    """Names of the runs without Ray Train that follow each variant's Ray Train runs."""
-    runs = (
-        ("ray_task", args.ray_task),
-        ("ray_actor", args.ray_actor),
-        ("ray_actor_idle", args.ray_actor and args.idle_actors > 0),
-    )
-    return [name for name, on in runs if on]
-
-
 def ray_task_loop(args: argparse.Namespace, cores: int) -> dict:
     """The plain loop itself inside one Ray task holding all the cores, on a fresh embedded Ray: what a Ray
     worker process costs with none of Ray Train's machinery (controller, worker group, reports, checkpoints)."""
@@ -202,6 +193,19 @@ def ray_actor_loop(args: argparse.Namespace, cores: int, idle_actors: int = 0) -
         cluster.disconnect()
 
 
+# The runs without Ray Train that follow each variant's Ray Train runs, in order: name -> (asked for, run)
+EXTRA_RUNS: dict[str, tuple[Callable[[argparse.Namespace], bool], Callable[[argparse.Namespace], dict]]] = {
+    "ray_task": (lambda a: a.ray_task, lambda a: ray_task_loop(a, a.cores)),
+    "ray_actor": (lambda a: a.ray_actor, lambda a: ray_actor_loop(a, a.cores)),
+    "ray_actor_idle": (lambda a: a.idle_actors > 0, lambda a: ray_actor_loop(a, a.cores, a.idle_actors)),
+}
+
+
+def extras(args: argparse.Namespace) -> list[str]:
+    """Names of the extra runs asked for."""
+    return [name for name, (asked, _) in EXTRA_RUNS.items() if asked(args)]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default="../shared/data/cifake_small.tar.gz")
@@ -239,6 +243,8 @@ def main() -> None:
         help="with --ray-actor, also run the actor's loop beside this many idle actors (Ray Train keeps five)",
     )
     args = p.parse_args()
+    if args.idle_actors and not args.ray_actor:
+        p.error("--idle-actors compares against --ray-actor's run: pass both")
     logging.basicConfig(level=logging.WARNING)
     from deepfake import cluster
 
@@ -267,12 +273,8 @@ def main() -> None:
                 os.environ.pop(key, None)
             WORKER_ENV.clear()
             WORKER_ENV.update(saved_worker_env)
-        if args.ray_task:
-            results[f"{tag}_ray_task"] = ray_task_loop(args, args.cores)
-        if args.ray_actor:
-            results[f"{tag}_ray_actor"] = ray_actor_loop(args, args.cores)
-            if args.idle_actors:
-                results[f"{tag}_ray_actor_idle"] = ray_actor_loop(args, args.cores, args.idle_actors)
+        for name in extras(args):
+            results[f"{tag}_{name}"] = EXTRA_RUNS[name][1](args)
         plains.append(plain_loop(base_config(args), args.cores))
         around = (plains[-2]["images_per_s"] + plains[-1]["images_per_s"]) / 2
         for key in [f"{tag}_{w}w" for w in args.workers] + [f"{tag}_{name}" for name in extras(args)]:
