@@ -114,10 +114,34 @@ def test_cli_with_an_unanswering_address_fails_fast(tmp_path):
     assert time.monotonic() - start < 60  # the interpreter and torch imports; the probe itself takes < 5 s
 
 
+# `deepfake predict` as the command line runs it, with a spy on the embedded Ray's shutdown at exit: just before
+# it, the spy records every process of that Ray and every socket they listen on
+PREDICT_WITH_SPY = (
+    "import json, os, sys\n"
+    "from deepfake import cluster\n"
+    "from deepfake.processes import descendants, process_ids\n"
+    "from tests.conftest import listeners_of\n"
+    "stop = cluster.stop_embedded\n"
+    "def spy():\n"
+    "    ours = process_ids(descendants(os.getpid()))\n"
+    "    print(json.dumps(sorted(listeners_of([os.getpid(), *ours]))))\n"
+    "    print(json.dumps(ours), flush=True)\n"
+    "    stop()\n"
+    "cluster.stop_embedded = spy  # connect() registers it for the exit\n"
+    "from deepfake.cli import main\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+
+
 @pytest.mark.slow
-def test_stale_ray_current_cluster_does_not_capture_a_local_run(tmp_path):
+def test_a_local_run_ignores_a_stale_cluster_listens_on_loopback_and_leaves_no_process(tmp_path):
     """A head recorded by an earlier `ray start` that has since died: `deepfake predict` without --address
-    still runs, on a Ray of its own (Ray's default address=None would hang inside ray.init)."""
+    still runs, on a Ray of its own (Ray's default address=None would hang inside ray.init). That Ray's servers
+    (GCS, raylet, object manager, core workers, agents, dashboard) listen on loopback only, Ray's default on
+    Linux being every interface (cluster.loopback_node); and when the command exits, none of its processes
+    is left running (Ray's agents otherwise poll for their dead raylet for 30-120 s)."""
+    from deepfake.processes import proc_text, still_running
+
     ray_tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's socket paths live under it
     try:
         (ray_tmp / "ray").mkdir()
@@ -125,38 +149,23 @@ def test_stale_ray_current_cluster_does_not_capture_a_local_run(tmp_path):
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
         env["RAY_TMPDIR"] = str(ray_tmp)
         csv = tmp_path / "p.csv"
-        out = _deepfake("predict", str(_images(tmp_path / "in")), "-o", str(csv), env=env, timeout=300)
+        args = ["predict", str(_images(tmp_path / "in")), "-o", str(csv)]
+        out = subprocess.run(
+            [sys.executable, "-c", PREDICT_WITH_SPY, *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+            cwd=REPO_ROOT,
+        )
         assert out.returncode == 0, out.stderr[-3000:]
         assert len(csv.read_text().strip().splitlines()) == 1 + 3
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
-
-
-@pytest.mark.slow
-def test_an_embedded_ray_listens_on_loopback_only_and_leaves_no_process_behind_at_exit():
-    """A command that starts its own Ray and just exits (as `deepfake train` / `predict` do) leaves none of Ray's
-    processes running: Ray's agents otherwise poll for their dead raylet for 30-120 s. None of that Ray's servers
-    is reachable from another machine."""
-    code = (
-        "import json, os, ray\n"
-        "from deepfake.cluster import connect\n"
-        "from deepfake.processes import descendants, process_ids\n"
-        "connect(num_cpus=1)\n"
-        "assert ray.get(ray.remote(lambda: 1).remote()) == 1\n"
-        "from tests.conftest import listeners_of\n"
-        "ours = process_ids(descendants(os.getpid()))\n"
-        "print(json.dumps(sorted(listeners_of([os.getpid(), *ours]))))\n"
-        "print(json.dumps(ours))\n"
-    )
-    out = _python(code, timeout=300)
-    from deepfake.processes import proc_text, still_running
-
-    lines = out.stdout.strip().splitlines()
+    lines = [line for line in out.stdout.splitlines() if line.startswith("[") or line.startswith("{")]
     started = {int(p): t for p, t in json.loads(lines[-1]).items()}
     left = still_running(started)
     assert len(started) >= 4 and not left, [proc_text(p, "cmdline")[:80] for p in left]
-    # and while it ran, every server of its Ray (GCS, raylet, object manager, core workers, agents, dashboard)
-    # listened on loopback only: Ray's default on Linux is every interface (cluster.loopback_node)
     listening = json.loads(lines[-2])
     assert len(listening) >= 6 and all(is_loopback(ip) for ip, _ in listening), listening
 

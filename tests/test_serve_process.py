@@ -83,6 +83,10 @@ def test_deepfake_serve_takes_the_fast_http_path(trained_model_dir, sample_dir, 
         left_behind = orphaned_haproxies([port])
         # started again on the same port: it stops that HAProxy and becomes healthy
         ready_lines = (tmp_path / "serve.log").read_text(errors="replace").count("(Ctrl-C to stop)")
+        # (one Ingress replica this time: the second one's start-up, torch's import and the model's load, would
+        # only cost time here)
+        one = _config_copy(tmp_path / "serve1.yaml", trained_model_dir, port, min_replicas=1)
+        cmd[cmd.index(str(cfg))] = str(one)
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         wait_healthy(url, timeout=240)
         assert httpx.post(f"{url}/predict", content=img, timeout=60).status_code == 200

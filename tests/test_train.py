@@ -91,49 +91,45 @@ def test_two_workers_warm_start_from_a_relative_model_folder_and_export(ray_loca
     assert "initialised from `parent`" in (d / "README.md").read_text()
 
 
-def test_worker_crash_restarts_from_last_checkpoint(ray_local, small_sample, tmp_path):
-    cfg = _cfg(small_sample, tmp_path, name="crash", epochs=3, max_failures=1, workers=1)
-    threads_log = tmp_path / "threads.jsonl"
-    out = fit(cfg, export=False, callbacks=[FailOnce(2, tmp_path / "runs" / "crash"), RecordThreads(threads_log)])
-    assert (tmp_path / "runs" / "crash" / ".failed_once_epoch2").exists()  # the failure did happen
-    assert [h["epoch"] for h in out["history"]] == [1, 2, 3]
-    # the worker (the restarted one too) keeps Ray's own thread at one OpenMP thread (train.WORKER_ENV) while the
-    # loop runs on all of the worker's CPUs
+def test_worker_crash_restarts_then_a_failed_run_resumes_from_its_last_epoch(ray_local, small_sample, tmp_path):
+    """One Ray Train run, two failures: the first (epoch 2) restarts the worker from epoch 1's checkpoint
+    (max_failures=1); the second (epoch 3) exhausts the failures and the run fails. `deepfake train --resume`
+    then trains epoch 3 only. (One run for both paths: each Ray Train run costs its start-up, 20 s on a slow VM.)"""
+    from ray.train import TrainingFailedError
+
     from deepfake.train import WORKER_ENV, scaling
 
+    run = tmp_path / "runs" / "crash"
+    cfg = _cfg(small_sample, tmp_path, name="crash", epochs=3, max_failures=1, workers=1)
+    threads_log = tmp_path / "threads.jsonl"
+    with pytest.raises(TrainingFailedError):
+        fit(cfg, export=False, callbacks=[FailOnce(2, run), FailOnce(3, run), RecordThreads(threads_log)])
+    assert (run / ".failed_once_epoch2").exists() and (run / ".failed_once_epoch3").exists()  # both happened
+    latest = max((p for p in run.glob("checkpoint_*") if p.is_dir()), key=lambda p: p.name)
+    before = json.loads((latest / "state.json").read_text())["history"]
+    assert [h["epoch"] for h in before] == [1, 2]  # epoch 2 was trained again after the restart, then saved
+    # the worker (the restarted one too) keeps Ray's own thread at one OpenMP thread (train.WORKER_ENV) while the
+    # loop runs on all of the worker's CPUs
     seen = [json.loads(line) for line in threads_log.read_text().splitlines()]
-    assert len(seen) >= 3 and {tuple(x[2:]) for x in seen} == {(WORKER_ENV["OMP_NUM_THREADS"], scaling(cfg)[1])}
-    # epochs are seeded, so the restarted run trains exactly as an uninterrupted one, and Ray Train with one
-    # worker exactly as the same loop in this process (--backend torch: no Ray start-up for the reference), on
-    # as many torch threads as the Ray worker had (float sums depend on the count)
+    assert len(seen) >= 2 and {tuple(x[2:]) for x in seen} == {(WORKER_ENV["OMP_NUM_THREADS"], scaling(cfg)[1])}
+
+    assert main(["train", "--resume", "crash", "--storage-path", str(tmp_path / "runs")]) == 0
+    history = ck.read_metadata(tmp_path / "model")["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert history[:2] == before  # epochs 1 and 2 were not trained again
+
+    # epochs are seeded, so the restarted and resumed run trains exactly as an uninterrupted one, and Ray Train
+    # with one worker exactly as the same loop in this process (--backend torch: no Ray start-up for the
+    # reference), on as many torch threads as the Ray worker had (float sums depend on the count)
     threads = torch.get_num_threads()
     torch.set_num_threads(int(scaling(cfg)[1]))
     try:
         clean = fit(_cfg(small_sample, tmp_path, name="clean", epochs=3, workers=1, backend="torch"), export=False)
     finally:
         torch.set_num_threads(threads)
-    for a, b in zip(out["history"], clean["history"]):
+    for a, b in zip(history, clean["history"], strict=True):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
         assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)
-
-
-def test_resume_after_interruption_continues_from_last_epoch(ray_local, small_sample, tmp_path):
-    from ray.train import TrainingFailedError
-
-    cfg = _cfg(small_sample, tmp_path, name="interrupted", epochs=3, max_failures=0, workers=1)
-    with pytest.raises(TrainingFailedError):
-        fit(cfg, export=False, callbacks=[FailOnce(2, tmp_path / "runs" / "interrupted")])
-    run = tmp_path / "runs" / "interrupted"
-    first = sorted(p for p in run.glob("checkpoint_*") if p.is_dir())
-    assert len(first) == 1  # only epoch 1 finished
-    epoch1 = json.loads((first[0] / "state.json").read_text())["history"][0]
-
-    rc = main(["train", "--resume", "interrupted", "--storage-path", str(tmp_path / "runs")])
-    assert rc == 0
-    meta = ck.read_metadata(tmp_path / "model")
-    history = meta["history"]
-    assert [h["epoch"] for h in history] == [1, 2, 3]
-    assert history[0] == epoch1  # epoch 1 was not trained again
 
 
 def test_cli_refuses_to_overwrite_a_run(ray_local, small_sample, tmp_path):
