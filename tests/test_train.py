@@ -148,36 +148,23 @@ NO_RAY = (
     "from deepfake.cli import main\n"
     "sys.exit(main(sys.argv[1:]))\n"
 )
-# the same, with a crash injected into the loop's first callback slot at epoch 2 (a killed process)
-CRASH_AT_2 = NO_RAY.replace(
-    "from deepfake.cli import main\n",
-    "from deepfake import loop\n"
-    "run = loop.run_loop\n"
-    "def crash(epoch, rank):\n"
-    "    if epoch == 2: raise RuntimeError('injected failure at epoch 2')\n"
-    "loop.run_loop = lambda c, s: run({**c, 'callbacks': [crash]}, s)\n"
-    "from deepfake.cli import main\n",
-)
 
 
 def test_torch_backend_trains_resumes_and_exports_without_ray(small_sample, tmp_path):
-    """backend torch: the same loop in one process, on a machine where Ray cannot even be imported."""
+    """backend torch: the same loop in one process. A run crashes at epoch 2 (in this process), then
+    `deepfake train --resume` finishes it on a machine where Ray cannot even be imported."""
     import subprocess
     import sys
 
-    def train(*extra, script=NO_RAY):
-        args = ["train", "--backend", "torch", "--storage-path", str(tmp_path / "runs"), *extra]
-        return subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=600)
-
-    common = ["--data", str(small_sample), "--epochs", "3", "--batch-size", "16", "--stem-stride", "2"]
-    common += ["--val-ratio", "0.15", "--test-ratio", "0.15"]
-    common += ["--set", "data.image_size=32", "--set", "train.log_every=0", "--set", "train.num_to_keep=1"]
-    crashed = train(*common, "--name", "crash", "--out", str(tmp_path / "model"), script=CRASH_AT_2)
-    assert crashed.returncode != 0 and "injected failure at epoch 2" in crashed.stderr
     run = tmp_path / "runs" / "crash"
+    cfg = _cfg(small_sample, tmp_path, name="crash", epochs=3, backend="torch", workers=1, num_to_keep=1)
+    with pytest.raises(RuntimeError, match="injected failure at epoch 2"):
+        fit(cfg, callbacks=[FailOnce(2, run)])
     assert [p.name for p in run.glob("checkpoint_*")] == ["checkpoint_000001"]
+    assert not (tmp_path / "model").exists()
 
-    resumed = train("--resume", "crash")
+    args = ["train", "--resume", "crash", "--storage-path", str(tmp_path / "runs")]
+    resumed = subprocess.run([sys.executable, "-c", NO_RAY, *args], capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from checkpoint after epoch 1" in resumed.stderr
     assert len(list(run.glob("checkpoint_*"))) <= 2  # the best by val loss, and the latest
@@ -191,7 +178,7 @@ def test_torch_backend_trains_resumes_and_exports_without_ray(small_sample, tmp_
     # resuming changed nothing: a clean run in this process gives the same losses
     cfg = _cfg(small_sample, tmp_path, name="clean", epochs=3, backend="torch", workers=1, num_to_keep=1)
     clean = fit(cfg, export=False)
-    for a, b in zip(meta["history"], clean["history"]):
+    for a, b in zip(meta["history"], clean["history"], strict=True):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
         assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)
 
