@@ -249,6 +249,7 @@ def cmd_card(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    stages.check_address(args.address)
     from deepfake.serve import run_local
 
     run_local(

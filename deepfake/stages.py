@@ -107,6 +107,15 @@ ADDRESS_HELP = "Ray cluster address (default: RAY_ADDRESS or an embedded local R
 
 
 # ---------------------------------------------------------------------------------------------- train
+def check_address(address: str | None) -> None:
+    """Probe a given cluster address (--address or RAY_ADDRESS) before a stage's imports: torch and timm take
+    about 5 s, and a cluster that does not answer should fail at once (connect() probes again when it joins)."""
+    from deepfake import cluster
+
+    if (target := cluster.requested(address)) is not None:
+        cluster.probe(target)
+
+
 def train_arguments(p: argparse.ArgumentParser) -> None:
     allow_outside_flag(p)
     add_config_flags(p)
@@ -143,9 +152,11 @@ def train_config(args: argparse.Namespace) -> cfgmod.Config:
 
 def train(args: argparse.Namespace) -> int:
     """Ray Train (or `--backend torch`), then the best epoch exported as a model folder with its card."""
+    cfg = train_config(args)  # a bad setting or address fails before the imports below
+    check_address(args.address)
     from deepfake.train import fit
 
-    out = fit(train_config(args), address=args.address, overwrite=args.overwrite)
+    out = fit(cfg, address=args.address, overwrite=args.overwrite)
     m = out["metrics"]
     log.info(
         "best epoch %s: val_acc %.4f val_loss %.4f; model: %s",
@@ -193,14 +204,15 @@ def tune_arguments(p: argparse.ArgumentParser) -> None:
 
 def tune(args: argparse.Namespace) -> int:
     """Ray Tune over the search space; the best config goes to OUT/best_config.yaml, ready for `train`."""
-    from deepfake import tune as tunemod
-
     for key, _, _ in TUNE_FLAGS.values():
         if getattr(args, key, None) is not None:
             args.set.append(f"{key}={getattr(args, key)}")
     if args.output:
         args.set.append(f"tune.out={args.output}")
-    cfg = config_from_args(args)
+    cfg = config_from_args(args)  # a bad setting or address fails before the imports below
+    check_address(args.address)
+    from deepfake import tune as tunemod
+
     if args.resume:  # the search continues with the settings it was started with
         cfg = tunemod.load_saved(cfg.tune.out)
     summary = tunemod.run_search(cfg, out=args.output or cfg.tune.out, resume=args.resume, address=args.address)
@@ -278,6 +290,7 @@ def predict_arguments(p: argparse.ArgumentParser) -> None:
 
 def predict(args: argparse.Namespace) -> int:
     """Batch prediction with Ray Data: one CSV row per image, resumable."""
+    check_address(args.address)
     from deepfake.predict import predict as run_prediction
 
     summary = run_prediction(
@@ -479,30 +492,27 @@ def stage_parser(job: str) -> argparse.ArgumentParser:
     return p
 
 
-def user_errors() -> tuple[type[BaseException], ...]:
-    """The errors a user's input causes (bad config, data, model folder, image, address): a clear message and
-    exit status 2, never a traceback."""
-    from deepfake.calibration import CalibrationError
-    from deepfake.checkpoint import CheckpointError
-    from deepfake.cluster import ClusterError
-    from deepfake.data import DataError
-    from deepfake.guard import GuardError
-    from deepfake.images import BadImage
-    from deepfake.model import ModelError
-    from deepfake.provenance import ProvenanceError
+# module -> the class of the errors a user's input causes there (bad config, data, model folder, image, address)
+USER_ERRORS = {
+    "deepfake.config": "ConfigError",
+    "deepfake.data": "DataError",
+    "deepfake.model": "ModelError",
+    "deepfake.checkpoint": "CheckpointError",
+    "deepfake.images": "BadImage",
+    "deepfake.calibration": "CalibrationError",
+    "deepfake.guard": "GuardError",
+    "deepfake.provenance": "ProvenanceError",
+    "deepfake.cluster": "ClusterError",
+}
 
-    return (
-        cfgmod.ConfigError,
-        DataError,
-        ModelError,
-        CheckpointError,
-        BadImage,
-        FileNotFoundError,
-        CalibrationError,
-        GuardError,
-        ProvenanceError,
-        ClusterError,
-    )
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The user-error classes of USER_ERRORS whose modules are loaded, and FileNotFoundError: a clear message and
+    exit status 2, never a traceback. An exception's class was imported before it was raised, so the classes of
+    modules not loaded yet cannot match; importing them all would cost a config typo torch's and timm's imports
+    (about 5 s of a 5 s run)."""
+    loaded = (sys.modules.get(name) for name in USER_ERRORS)
+    return (FileNotFoundError, *(getattr(m, USER_ERRORS[m.__name__]) for m in loaded if m is not None))
 
 
 def run_guarded(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
