@@ -511,8 +511,8 @@ def user_errors() -> tuple[type[BaseException], ...]:
     exit status 2, never a traceback. An exception's class was imported before it was raised, so the classes of
     modules not loaded yet cannot match; importing them all would cost a config typo torch's and timm's imports
     (about 5 s of a 5 s run)."""
-    loaded = (sys.modules.get(name) for name in USER_ERRORS)
-    return (FileNotFoundError, *(getattr(m, USER_ERRORS[m.__name__]) for m in loaded if m is not None))
+    loaded = ((sys.modules.get(module), name) for module, name in USER_ERRORS.items())
+    return (FileNotFoundError, *(getattr(m, name) for m, name in loaded if m is not None))
 
 
 def run_guarded(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:

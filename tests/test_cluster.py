@@ -123,6 +123,17 @@ def test_cli_with_an_unanswering_address_or_a_bad_setting_fails_before_importing
     assert max(seconds for _, _, seconds in results) < 5, results  # a refused connection answers at once
 
 
+def test_every_user_error_class_the_cli_names_exists():
+    """stages.USER_ERRORS names its classes as strings (so that a typo costs no imports): a renamed class would
+    turn a user's error into an AttributeError traceback."""
+    import importlib
+
+    from deepfake.stages import USER_ERRORS
+
+    for module, name in USER_ERRORS.items():
+        assert issubclass(getattr(importlib.import_module(module), name), Exception), (module, name)
+
+
 # `deepfake predict` as the command line runs it, with a spy on the embedded Ray's shutdown at exit: just before
 # it, the spy records every process of that Ray and every socket they listen on
 PREDICT_WITH_SPY = (
